@@ -1,0 +1,153 @@
+"""The backend protocol: what the core, the drafters and the memory planner may ask of a model.
+
+A backend owns one model and its KV cache. It knows nothing about sampling, drafting or chat state.
+The cache holds ``cached`` (committed tokens); ``forward`` appends a token tree on top of it, and
+``commit`` keeps one root-to-node path of that tree and drops the rest.
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+
+class BackendError(RuntimeError):
+    """The backend could not do what was asked (decode failure, context full, bad input)."""
+
+
+class ContextFullError(BackendError):
+    """The KV cache has no room for the requested tokens."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    n_vocab: int
+    n_ctx_train: int
+    bos: int | None
+    eog: frozenset[int]  # end-of-generation tokens (EOS, EOT, <|im_end|>, ...)
+    add_bos: bool
+    chat_template: str | None
+    bos_text: str = ""
+    eos_text: str = ""
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass
+class ForwardOut:
+    """Outputs of one decode: a row per evaluated node (or per requested position)."""
+
+    logits: np.ndarray  # [n, n_vocab] float32
+    hidden: np.ndarray | None  # [n, n_embd] float32, post-final-norm (the LM head's input)
+
+
+@dataclass
+class MemoryInfo:
+    weights_bytes: int
+    kv_bytes_per_token: int
+    n_ctx: int
+    n_cached: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def kv_used_bytes(self) -> int:
+        return self.kv_bytes_per_token * self.n_cached
+
+    @property
+    def kv_reserved_bytes(self) -> int:
+        return self.kv_bytes_per_token * self.n_ctx
+
+
+class Backend(Protocol):
+    info: ModelInfo
+    n_ctx: int
+    cached: list[int]  # tokens committed to the cache, in order
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]: ...
+
+    def token_bytes(self, token: int) -> bytes: ...
+
+    def prefill(self, tokens: list[int], want_hidden: bool = False) -> ForwardOut:
+        """Append ``tokens`` to the cache (committed); return the last position's outputs ([1, ...]).
+
+        ``hidden`` may be None unless ``want_hidden`` is set (it can cost an extra decode).
+        """
+        ...
+
+    def forward(self, tokens: list[int], parents: list[int]) -> ForwardOut:
+        """Evaluate a tree on top of the cache. ``parents[i]`` < i, or -1 for a child of the cache end.
+
+        Node i sits at position ``len(cached) + depth(i)``. Returns outputs for every node. The nodes
+        stay pending until ``commit``.
+        """
+        ...
+
+    def commit(self, path: list[int]) -> None:
+        """Keep the nodes ``path`` (a root-to-node chain of the last forward) and drop all others."""
+        ...
+
+    def truncate(self, n: int) -> None:
+        """Roll the cache back to its first ``n`` tokens."""
+        ...
+
+    def memory(self) -> MemoryInfo: ...
+
+    def close(self) -> None: ...
+
+
+def detokenize(backend: Backend, tokens: list[int]) -> str:
+    return b"".join(backend.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+
+class StreamDecoder:
+    """Incremental detokenizer: bytes of tokens in, complete UTF-8 text out.
+
+    A character split across tokens is held back until its last byte arrives.
+    """
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._dec.decode(self.backend.token_bytes(token))
+
+    def flush(self) -> str:
+        return self._dec.decode(b"", final=True)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def tree_depths(parents: list[int]) -> list[int]:
+    depths: list[int] = []
+    for i, p in enumerate(parents):
+        if not -1 <= p < i:
+            raise BackendError(f"parents[{i}] = {p}: a parent must come before its child (or be -1)")
+        depths.append(0 if p < 0 else depths[p] + 1)
+    return depths
+
+
+def check_path(path: list[int], parents: list[int]) -> None:
+    """A committed path must start at a root and follow parent links."""
+    for k, node in enumerate(path):
+        want = -1 if k == 0 else path[k - 1]
+        if not 0 <= node < len(parents) or parents[node] != want:
+            raise BackendError(f"commit path {path} does not follow the tree's parent links {parents}")

@@ -1,0 +1,256 @@
+"""GGUF to MLX conversion: dequantize with ``gguf``, re-quantize with MLX, save an mlx-lm model folder.
+
+The result is a folder with ``config.json`` and ``model.safetensors`` in the layout of mlx-lm's model
+classes (``mlx_lm.models.qwen2``, ``llama``, ``gemma3_text``), cached under
+``<edgespec cache>/mlx/<model-stem>-<q4|q8|f16>`` and written once, atomically.
+
+Weights are kept in llama.cpp's layout where that is exact: llama-arch GGUFs store Q and K with
+llama.cpp's rope permutation (pairs of adjacent dimensions), so instead of undoing it we run the
+model with ``rope_traditional=True``, which rotates exactly those pairs, as llama.cpp does.
+Gemma norms in a GGUF already hold ``1 + w``; mlx-lm adds the 1 itself, so it is taken off here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+GROUP_SIZE = 64
+BITS = {"4": 4, "8": 8, "none": None}
+FORMAT_VERSION = 1
+
+# GGUF name inside a block -> mlx-lm name inside ``model.layers.N``
+_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_NAMES_BY_ARCH = {
+    "llama": {"ffn_norm": "post_attention_layernorm"},
+    "qwen2": {"ffn_norm": "post_attention_layernorm"},
+    "gemma3": {
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text"}
+
+
+class ConvertError(RuntimeError):
+    """The GGUF cannot be converted (unsupported architecture, tensor or setting)."""
+
+
+def n_bits(bits: int | str | None) -> int | None:
+    """4 or 8 for MLX affine quantization; None (``"none"``) for float16 weights."""
+    key = "none" if bits is None else str(bits).lower()
+    if key not in BITS:
+        raise ConvertError(f"bits must be 4, 8 or 'none', not {bits!r}")
+    return BITS[key]
+
+
+def bits_tag(bits: int | str | None) -> str:
+    """``4`` -> ``q4``, ``8`` -> ``q8``, ``None``/``"none"`` -> ``f16``."""
+    n = n_bits(bits)
+    return f"q{n}" if n else "f16"
+
+
+def mlx_dir(gguf_path: str | Path, bits: int | str | None = 4) -> Path:
+    """Where the converted model of ``gguf_path`` lives (whether or not it exists yet)."""
+    from edgespec import registry
+
+    return registry.cache_dir() / "mlx" / f"{Path(gguf_path).stem}-{bits_tag(bits)}"
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def mlx_name(gguf_name: str, arch: str) -> str:
+    """The mlx-lm parameter name of a GGUF tensor name (``blk.3.attn_q.bias`` -> ``...q_proj.bias``)."""
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4:
+        table = {**_BLOCK_NAMES, **_BLOCK_NAMES_BY_ARCH[arch]}
+        if parts[2] in table:
+            return f"model.layers.{parts[1]}.{table[parts[2]]}.{parts[3]}"
+    elif len(parts) == 2 and parts[0] in _TOP_NAMES:
+        return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
+    raise ConvertError(f"GGUF tensor {gguf_name!r} has no counterpart in mlx-lm's {arch} model")
+
+
+def _rope_scaling(reader, arch: str) -> dict | None:
+    kind = _field(reader, f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    factor = float(_field(reader, f"{arch}.rope.scaling.factor", 1.0))
+    if kind == "linear":
+        return {"type": "linear", "factor": factor}
+    raise ConvertError(f"rope scaling {kind!r} is not supported by the MLX conversion yet")
+
+
+def model_config(reader) -> dict:
+    """An mlx-lm config dict (``ModelArgs`` fields) from GGUF metadata."""
+    arch = _field(reader, "general.architecture")
+    if arch not in MODEL_TYPES:
+        raise ConvertError(f"architecture {arch!r} is not supported by the MLX backend "
+                           f"(supported: {', '.join(MODEL_TYPES)})")
+    names = {t.name for t in reader.tensors}
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    n_embd = int(_field(reader, f"{arch}.embedding_length"))
+    n_head = int(_field(reader, f"{arch}.attention.head_count"))
+    n_head_kv = int(_field(reader, f"{arch}.attention.head_count_kv", n_head))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", n_embd // n_head))
+    cfg = {
+        "model_type": MODEL_TYPES[arch],
+        "hidden_size": n_embd,
+        "num_hidden_layers": int(_field(reader, f"{arch}.block_count")),
+        "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_head_kv,
+        "head_dim": head_dim,
+        "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
+        "vocab_size": int(embd.shape[1]),
+        "max_position_embeddings": int(_field(reader, f"{arch}.context_length")),
+        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "rope_scaling": _rope_scaling(reader, arch),
+        "tie_word_embeddings": "output.weight" not in names,
+    }
+    if arch == "llama":
+        if head_dim * n_head != n_embd and "llama.attention.key_length" not in reader.fields:
+            raise ConvertError("llama GGUF without attention.key_length and n_embd % n_head != 0")
+        cfg["rope_traditional"] = True  # llama.cpp's NORM rope on its permuted Q/K layout
+        cfg["attention_bias"] = "blk.0.attn_q.bias" in names
+        cfg["mlp_bias"] = False
+    elif arch == "qwen2":
+        if head_dim != n_embd // n_head:
+            raise ConvertError("qwen2 with a head_dim other than n_embd / n_head is not supported")
+        cfg["rope_traditional"] = False  # llama.cpp's NEOX rope
+    elif arch == "gemma3":
+        n_layer = cfg["num_hidden_layers"]
+        cfg["rope_local_base_freq"] = 10000.0  # fixed in llama.cpp for the sliding layers
+        cfg["sliding_window"] = int(_field(reader, "gemma3.attention.sliding_window", 512))
+        cfg["sliding_window_pattern"] = 6  # llama.cpp: every 6th layer is global
+        # llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B model (62 layers)
+        cfg["query_pre_attn_scalar"] = n_embd / n_head if n_layer == 62 else head_dim
+    return cfg
+
+
+def _dequantized(reader, arch: str):
+    """Yield (mlx name, float32 array) for every tensor of the GGUF."""
+    from gguf.quants import dequantize
+
+    for t in reader.tensors:
+        name = mlx_name(t.name, arch)
+        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        w = w.reshape([int(n) for n in reversed(t.shape)])
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            w = w - 1.0  # GGUF holds 1 + w; mlx-lm's Gemma RMSNorm adds the 1
+        yield name, w
+
+
+def build_model(cfg: dict, weights: dict | None = None):
+    """Instantiate the mlx-lm model of ``cfg`` (quantized layers if ``cfg['quantization']``)."""
+    import mlx.nn as nn
+
+    arch = importlib.import_module(f"mlx_lm.models.{cfg['model_type']}")
+    model = arch.Model(arch.ModelArgs.from_dict(cfg))
+    if weights is not None and hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    q = cfg.get("quantization")
+    if q:
+        keys = set(weights) if weights is not None else None
+        nn.quantize(model, group_size=q["group_size"], bits=q["bits"],
+                    class_predicate=lambda p, m: _quantizable(m, q["group_size"])
+                    and (keys is None or f"{p}.scales" in keys))
+    if weights is not None:
+        model.load_weights(list(weights.items()), strict=True)
+    return model
+
+
+def _quantizable(module, group_size: int) -> bool:
+    return hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
+
+
+def convert(gguf_path: str | Path, bits: int | str | None = 4, out_dir: Path | None = None,
+            force: bool = False, progress: bool = True) -> Path:
+    """Convert ``gguf_path`` once and return the folder (``config.json`` + ``model.safetensors``).
+
+    ``bits`` is 4 or 8 (MLX affine quantization, group 64) or ``"none"`` (float16). A folder that
+    exists and was made from a file of the same size is reused unless ``force``.
+    """
+    import gguf
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    gguf_path = Path(gguf_path)
+    out = Path(out_dir) if out_dir else mlx_dir(gguf_path, bits)
+    stamp = {"gguf": gguf_path.name, "gguf_size": gguf_path.stat().st_size, "format": FORMAT_VERSION}
+    if not force and is_converted(out, stamp):
+        return out
+    nbits = n_bits(bits)
+    reader = gguf.GGUFReader(gguf_path)
+    cfg = model_config(reader)
+    arch = _field(reader, "general.architecture")
+    weights = {}
+    for name, w in tqdm(_dequantized(reader, arch), total=len(reader.tensors), unit="tensor",
+                        desc=f"convert {gguf_path.stem}", disable=not progress):
+        weights[name] = mx.array(w).astype(mx.float16)
+        mx.eval(weights[name])
+    model = build_model(cfg, weights)
+    del weights
+    if nbits:
+        nn.quantize(model, group_size=GROUP_SIZE, bits=nbits,
+                    class_predicate=lambda p, m: _quantizable(m, GROUP_SIZE))
+        cfg["quantization"] = {"group_size": GROUP_SIZE, "bits": nbits}
+    cfg["edgespec"] = stamp
+    params = dict(tree_flatten(model.parameters()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        mx.save_safetensors(str(tmp / "model.safetensors"), params, metadata={"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def is_converted(out: Path, stamp: dict) -> bool:
+    try:
+        cfg = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return cfg.get("edgespec") == stamp and (out / "model.safetensors").exists()
+
+
+def load(folder: Path):
+    """Load a converted folder: (mlx-lm model with weights, config dict)."""
+    import mlx.core as mx
+
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    weights = mx.load(str(Path(folder) / "model.safetensors"))
+    model = build_model(cfg, weights)
+    model.eval()
+    return model, cfg

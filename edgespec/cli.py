@@ -1,0 +1,199 @@
+"""The ``edgespec`` command: models, generate, chat (and, from later modules, bench and plan)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+
+from edgespec import __version__, registry
+from edgespec.backends.base import BackendError
+from edgespec.generate import PromptTooLongError, Stats
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=registry.DEFAULT_MODEL,
+                   help=f"registry id or path to a .gguf file (default: {registry.DEFAULT_MODEL})")
+    p.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "mlx"])
+    p.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens (default 4096)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores, at most 8)")
+    p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"])
+
+
+def _add_gen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", "-n", type=int, default=512)
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--system", default=None, help="system prompt")
+
+
+def _gen_kwargs(a: argparse.Namespace) -> dict:
+    return dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                seed=a.seed, stop=tuple(a.stop))
+
+
+def _load(a: argparse.Namespace):
+    from edgespec.runtime import load
+
+    return load(a.model, n_ctx=a.n_ctx, n_threads=a.threads, kv_type=a.kv_type, backend=a.backend)
+
+
+def _print_stats(stats: Stats) -> None:
+    print(f"[{stats.line()}]", file=sys.stderr, flush=True)
+
+
+# ---- commands ----------------------------------------------------------------------------------
+def cmd_models(a: argparse.Namespace) -> int:
+    if a.action == "list":
+        for r in registry.listing():
+            mark = "pulled" if r["pulled"] else "-"
+            print(f"{r['id']:<22} {r['size_mb']:>6} MB  {mark:<7} {r['description']}")
+        return 0
+    if not a.id:
+        raise ValueError(f"`edgespec models {a.action}` needs a model id")
+    if a.action == "pull":
+        path = registry.pull(a.id)
+        print(path)
+    elif a.action == "path":
+        print(registry.resolve(a.id, download=False))
+    elif a.action == "rm":
+        registry.remove(a.id)
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    prompt = " ".join(a.prompt) if a.prompt and a.prompt != ["-"] else sys.stdin.read()
+    if not prompt.strip():
+        raise ValueError("empty prompt: pass it as an argument or on stdin")
+    rt = _load(a)
+    if a.raw:
+        chunks = rt.stream(prompt, **_gen_kwargs(a))
+    else:
+        msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
+        chunks = rt.chat(msgs, stream=True, **_gen_kwargs(a))
+    for chunk in chunks:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if a.json:
+        print(json.dumps(rt.last_stats.as_dict()), file=sys.stderr)
+    else:
+        _print_stats(rt.last_stats)
+    return 0
+
+
+HELP = "/reset clears the conversation, /stats shows statistics, /exit quits (Ctrl-C stops a reply)"
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    rt = _load(a)
+    sess = rt.session(system=a.system)
+    info = rt.backend.info
+    print(f"edgespec chat: {info.name} on {rt.backend.name}, context {rt.backend.n_ctx}. {HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print("\n(type /exit or press Ctrl-D to quit)", file=sys.stderr)
+            continue
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd == "/reset":
+            sess.reset()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if cmd == "/stats":
+            _show_session_stats(rt, sess)
+            continue
+        if cmd.startswith("/") and cmd.split()[0] in ("/help", "/?"):
+            print(HELP, file=sys.stderr)
+            continue
+        stop = threading.Event()
+        old = signal.signal(signal.SIGINT, lambda *_: stop.set())
+        try:
+            dropped_before = sess.dropped
+            for chunk in sess.send(line, cancel=stop, **_gen_kwargs(a)):
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+        except PromptTooLongError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        finally:
+            signal.signal(signal.SIGINT, old)
+        print()
+        if sess.dropped > dropped_before:
+            print(f"(context full: dropped the {sess.dropped - dropped_before} oldest message(s))", file=sys.stderr)
+        if sess.last_stats:
+            if sess.last_stats.finish_reason == "context":
+                print("(reply cut: the context is full; /reset to start over)", file=sys.stderr)
+            _print_stats(sess.last_stats)
+
+
+def _show_session_stats(rt, sess) -> None:
+    mem = rt.memory()
+    turns = sess.turns
+    gen = sum(s.generated_tokens for s in turns)
+    dec = sum(s.decode_s for s in turns)
+    print(f"turns: {len(turns)}, messages: {len(sess.messages)}, dropped: {sess.dropped}", file=sys.stderr)
+    print(f"generated: {gen} tokens, {gen / dec if dec else 0:.1f} tok/s overall", file=sys.stderr)
+    print(f"KV cache: {mem.n_cached}/{mem.n_ctx} tokens, {mem.kv_used_bytes / 2**20:.1f} MiB used of "
+          f"{mem.kv_reserved_bytes / 2**20:.1f} MiB; weights {mem.weights_bytes / 2**20:.0f} MiB", file=sys.stderr)
+    if sess.last_stats:
+        print(f"last reply: {sess.last_stats.line()}", file=sys.stderr)
+
+
+# ---- entry point -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edgespec", description="Local LLMs with lossless speculative decoding.")
+    ap.add_argument("--version", action="version", version=f"edgespec {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list, pull or locate models")
+    p.add_argument("action", choices=["list", "pull", "path", "rm"])
+    p.add_argument("id", nargs="?")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("generate", help="one-shot generation (prompt as arguments or on stdin)")
+    _add_model_args(p)
+    _add_gen_args(p)
+    p.add_argument("--raw", action="store_true", help="complete the prompt as is, without the chat template")
+    p.add_argument("--json", action="store_true", help="print the stats as JSON on stderr")
+    p.add_argument("prompt", nargs="*")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat")
+    _add_model_args(p)
+    _add_gen_args(p)
+    p.set_defaults(func=cmd_chat)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (registry.ModelError, PromptTooLongError, BackendError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

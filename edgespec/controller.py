@@ -1,0 +1,119 @@
+"""Cost-aware speculation controller: pick the draft depth that maximizes expected tokens per second.
+
+It keeps running estimates of
+* the target's verify time for n tree nodes (root included), seeded by ``calibrate``;
+* the drafter's time per draft node;
+* the acceptance rate at each depth, given the draft reached that depth and its parent was accepted.
+
+For depth L the expected tokens per step are ``1 + sum_{d<=L} prod_{j<=d} a_j`` and the cost is
+``verify(nodes(L) + 1) + L * draft``. Depth 0 is plain decoding. While depth 0 wins, a short
+probe draft is still tried now and then so that the estimates can recover when the text changes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgespec.models.drafter import DraftTree, TreeShape
+
+
+@dataclass
+class ControllerConfig:
+    max_depth: int = 6
+    width: int = 1
+    max_nodes: int = 16
+    prior_accept: float = 0.6
+    alpha: float = 0.15  # EMA weight of a new observation
+    probe_every: int = 16  # plain steps between probes while speculation does not pay
+    fixed_depth: int | None = None  # bypass the cost model (benchmarks of a fixed shape)
+
+
+@dataclass
+class Controller:
+    cfg: ControllerConfig = field(default_factory=ControllerConfig)
+    verify_s: dict[int, float] = field(default_factory=dict)  # nodes -> seconds
+    draft_s_per_node: float = 0.0
+    accept: list[float] = field(default_factory=list)
+    _plain_streak: int = 0
+
+    def __post_init__(self):
+        if not self.accept:
+            self.accept = [self.cfg.prior_accept] * self.cfg.max_depth
+
+    # ---- costs ----------------------------------------------------------------------------------
+    def verify_cost(self, n: int) -> float:
+        """Interpolated, or linearly extrapolated, verify time for n nodes."""
+        if not self.verify_s:
+            return 1.0 + 0.5 * (n - 1)  # unitless prior: only ratios matter before calibration
+        ks = sorted(self.verify_s)
+        vs = [self.verify_s[k] for k in ks]
+        if len(ks) == 1:
+            return vs[0] * (1.0 + 0.5 * (n - ks[0]) / ks[0])
+        if n <= ks[-1]:
+            return float(np.interp(n, ks, vs))
+        slope = (vs[-1] - vs[-2]) / (ks[-1] - ks[-2])
+        return vs[-1] + max(slope, 0.0) * (n - ks[-1])
+
+    def nodes_for(self, depth: int) -> int:
+        return min(depth * self.cfg.width, self.cfg.max_nodes)
+
+    def expected_rate(self, depth: int) -> float:
+        tokens, run = 1.0, 1.0
+        for d in range(depth):
+            run *= self.accept[d]
+            tokens += run
+        cost = self.verify_cost(self.nodes_for(depth) + 1) + self.nodes_for(depth) * self.draft_s_per_node
+        return tokens / cost
+
+    # ---- decisions ------------------------------------------------------------------------------
+    def best_depth(self) -> int:
+        if self.cfg.fixed_depth is not None:
+            return self.cfg.fixed_depth
+        return max(range(self.cfg.max_depth + 1), key=lambda d: (self.expected_rate(d), -d))
+
+    def next_shape(self, room: int) -> TreeShape:
+        depth = min(self.best_depth(), max(room, 0))
+        if depth == 0 and self.cfg.fixed_depth is None:
+            self._plain_streak += 1
+            if self._plain_streak >= self.cfg.probe_every and room >= 1:
+                self._plain_streak = 0
+                depth = 1
+        else:
+            self._plain_streak = 0
+        return TreeShape(depth=depth, width=self.cfg.width, max_nodes=min(self.cfg.max_nodes, max(room, 0)))
+
+    def observe(self, tree: DraftTree, accepted: list[int], draft_s: float, verify_s: float) -> None:
+        a = self.cfg.alpha
+        n = len(tree.tokens) + 1
+        old = self.verify_s.get(n)
+        self.verify_s[n] = verify_s if old is None else (1 - a) * old + a * verify_s
+        if not tree.tokens:
+            return
+        per_node = draft_s / len(tree.tokens)
+        self.draft_s_per_node = (1 - a) * self.draft_s_per_node + a * per_node if self.draft_s_per_node else per_node
+        depth = max(tree.depths())
+        for d in range(min(depth, len(accepted) + 1, self.cfg.max_depth)):
+            hit = 1.0 if d < len(accepted) else 0.0
+            self.accept[d] = (1 - a) * self.accept[d] + a * hit
+
+
+def calibrate(backend, sizes: tuple[int, ...] = (1, 2, 3, 4, 6, 8), reps: int = 2) -> dict[int, float]:
+    """Measure the target's verify time for chains of ``sizes`` nodes on top of the current cache."""
+    base = len(backend.cached)
+    if base == 0:
+        backend.prefill(backend.tokenize("def f(x):\n    return x\n", add_special=True))
+        base = len(backend.cached)
+    out = {}
+    tok = backend.cached[-1]
+    for n in sizes:
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            backend.forward([tok] * n, [-1] + list(range(n - 1)))
+            best = min(best, time.perf_counter() - t0)
+            backend.truncate(base)
+        out[n] = best
+    return out

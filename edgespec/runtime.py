@@ -1,0 +1,196 @@
+"""The embeddable runtime: ``edgespec.load(...)`` returns a ``Runtime`` with ``generate``, ``stream`` and ``chat``.
+
+Thread safety: one model has one KV cache, so requests are serialized with a lock. ``generate`` and
+``chat`` hold it for the call; ``stream`` holds it from the first ``next()`` until the iterator is
+exhausted or closed, so always finish or ``close()`` a stream. Calls from other threads wait.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edgespec import registry
+from edgespec.backends.base import Backend
+from edgespec.backends.chat_template import render
+from edgespec.generate import Cancel, GenerationConfig, PromptTooLongError, Stats, stream
+from edgespec.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from edgespec.session import ChatSession
+
+BACKENDS = ("auto", "llama.cpp", "mlx")
+
+
+@dataclass
+class LoadOptions:
+    n_ctx: int = 4096
+    n_threads: int | None = None
+    kv_type: str = "f16"  # f16 | q8_0 | q4_0
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, not {self.backend!r}")
+        if self.n_threads is not None and self.n_threads < 1:
+            raise ValueError(f"n_threads must be >= 1, not {self.n_threads}")
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    stats: Stats
+    dropped_messages: int = 0  # oldest messages left out so the conversation fits the context
+
+
+@dataclass
+class Request:
+    """Per-request generation options, as accepted by ``generate``/``stream``/``chat``."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] | list[str] = ()
+    ignore_eos: bool = False
+    cancel: Cancel = None
+
+    def config(self) -> GenerationConfig:
+        sp = SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)
+        return GenerationConfig(self.max_tokens, sp, tuple(self.stop), self.ignore_eos)
+
+
+def pick_backend(name: str) -> str:
+    """``auto``: MLX on Apple Silicon when it is installed, llama.cpp everywhere else."""
+    if name != "auto":
+        return name
+    if sys.platform == "darwin":
+        import platform
+
+        if platform.machine() == "arm64":
+            try:
+                import mlx.core  # noqa: F401
+
+                return "mlx"
+            except ImportError:
+                pass
+    return "llama.cpp"
+
+
+def open_backend(path: Path, opts: LoadOptions) -> Backend:
+    kind = pick_backend(opts.backend)
+    if kind == "mlx":
+        try:
+            from edgespec.backends.mlx_backend import MlxBackend
+        except ImportError as e:
+            raise registry.ModelError(
+                f"the MLX backend needs `pip install 'edgespec[mlx]'` ({e})") from e
+        return MlxBackend(path, n_ctx=opts.n_ctx)
+    from edgespec.backends.llama_cpp import LlamaCppBackend
+
+    return LlamaCppBackend(path, n_ctx=opts.n_ctx, n_threads=opts.n_threads, kv_type=opts.kv_type)
+
+
+class Runtime:
+    def __init__(self, backend: Backend, model: str):
+        self.backend = backend
+        self.model = model
+        self.lock = threading.RLock()
+        self.last_stats: Stats | None = None
+
+    # ---- prompts --------------------------------------------------------------------------------
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        info = self.backend.info
+        text = render(info.chat_template, messages, info.bos_text, info.eos_text, add_generation_prompt=True)
+        add_special = not (info.bos_text and text.startswith(info.bos_text))
+        return self.backend.tokenize(text, add_special=add_special, parse_special=True)
+
+    def fit_messages(self, messages: list[dict], reserve: int) -> tuple[list[int], int]:
+        """Context policy: drop the oldest non-system messages until the prompt plus ``reserve`` fits.
+
+        The system message and the latest message are always kept; if those alone do not fit,
+        ``PromptTooLongError`` is raised. Returns the prompt tokens and how many messages were dropped.
+        """
+        n_ctx = self.backend.n_ctx
+        head = [m for m in messages[:1] if m.get("role") == "system"]
+        body = messages[len(head):]
+        dropped = 0
+        while True:
+            tokens = self.encode_chat(head + body)
+            if len(tokens) + reserve <= n_ctx or len(body) <= 1:
+                break
+            drop = 2 if len(body) > 2 and body[0].get("role") == "user" else 1  # a user turn with its reply
+            body, dropped = body[drop:], dropped + drop
+        if len(tokens) >= n_ctx:
+            raise PromptTooLongError(f"the last message needs {len(tokens)} tokens but the context holds {n_ctx}")
+        return tokens, dropped
+
+    # ---- generation -----------------------------------------------------------------------------
+    def _tokens(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.backend.tokenize(prompt, add_special=True, parse_special=False)
+        return list(prompt)
+
+    def stream_tokens(self, tokens: list[int], req: Request, stats: Stats, out: list[int]) -> Iterator[str]:
+        with self.lock:
+            self.last_stats = stats
+            yield from stream(self.backend, tokens, req.config(), stats, cancel=req.cancel, out_tokens=out)
+
+    def stream(self, prompt: str | list[int], **kwargs) -> Iterator[str]:
+        """Yield text chunks of a raw completion of ``prompt``; stats land in ``last_stats``."""
+        req = Request(**kwargs)
+        return self.stream_tokens(self._tokens(prompt), req, Stats(), [])
+
+    def generate(self, prompt: str | list[int], **kwargs) -> Completion:
+        """Complete a raw prompt (no chat template)."""
+        req, stats, out = Request(**kwargs), Stats(), []
+        text = "".join(self.stream_tokens(self._tokens(prompt), req, stats, out))
+        return Completion(text, out, stats)
+
+    def chat(self, messages: list[dict], stream: bool = False, **kwargs) -> Completion | Iterator[str]:
+        """Answer a conversation ([{"role", "content"}, ...]) through the model's chat template.
+
+        The KV cache is reused for the longest common prefix with the previous request, so a growing
+        conversation only evaluates its new tokens. With ``stream=True`` returns an iterator of chunks.
+        """
+        req, stats, out = Request(**kwargs), Stats(), []
+        with self.lock:
+            tokens, dropped = self.fit_messages(messages, reserve=min(req.max_tokens, self.backend.n_ctx // 4))
+        chunks = self.stream_tokens(tokens, req, stats, out)
+        if stream:
+            return chunks
+        return Completion("".join(chunks), out, stats, dropped)
+
+    def session(self, system: str | None = None) -> ChatSession:
+        from edgespec.session import ChatSession
+
+        return ChatSession(self, system)
+
+    def memory(self):
+        return self.backend.memory()
+
+    def close(self) -> None:
+        with self.lock:
+            self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load(model: str = registry.DEFAULT_MODEL, **options) -> Runtime:
+    """Load a model by registry id or ``.gguf`` path (downloading a registry model on first use).
+
+    Options: n_ctx, n_threads, kv_type (f16|q8_0|q4_0), backend (auto|llama.cpp|mlx).
+    """
+    opts = LoadOptions(**options)
+    path = registry.resolve(model)
+    return Runtime(open_backend(path, opts), model)

@@ -1,0 +1,54 @@
+"""A multi-turn chat session over one Runtime: history, KV-cache reuse across turns, context policy.
+
+Each turn renders the whole conversation through the chat template, but the backend keeps the KV
+cache of the previous turn, so only the tokens after the common prefix are evaluated. When the
+conversation no longer fits the context, the oldest turns are dropped (the system prompt stays);
+``dropped`` counts them and the CLI says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from edgespec.generate import Stats
+from edgespec.runtime import Request, Runtime
+
+
+class ChatSession:
+    def __init__(self, runtime: Runtime, system: str | None = None):
+        self.runtime = runtime
+        self.system = system
+        self.messages: list[dict] = []
+        self.dropped = 0
+        self.last_stats: Stats | None = None
+        self.turns: list[Stats] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.dropped = 0
+
+    def send(self, text: str, **kwargs) -> Iterator[str]:
+        """Stream the reply to ``text``. The (possibly partial, if cancelled) reply joins the history."""
+        req = Request(**kwargs)
+        self.messages.append({"role": "user", "content": text})
+        rt = self.runtime
+        stats, out, reply = Stats(), [], []
+        try:
+            with rt.lock:
+                tokens, dropped = rt.fit_messages(self.messages, reserve=min(req.max_tokens, rt.backend.n_ctx // 4))
+                if dropped:
+                    head = 1 if self.messages[0]["role"] == "system" else 0
+                    del self.messages[head:head + dropped]
+                    self.dropped += dropped
+                for chunk in rt.stream_tokens(tokens, req, stats, out):
+                    reply.append(chunk)
+                    yield chunk
+        finally:
+            if reply:
+                self.messages.append({"role": "assistant", "content": "".join(reply)})
+            else:  # nothing was answered (error or immediate cancel): forget the question too
+                self.messages.pop()
+            if stats.finish_reason:
+                self.last_stats = stats
+                self.turns.append(stats)

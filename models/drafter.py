@@ -1,0 +1,103 @@
+"""The drafter interface: context in, token tree out; accepted results back in.
+
+A tree's nodes are listed parents-first. ``parents[i]`` is the index of node i's parent, or -1 when
+node i continues the root (the last token the target produced, not yet in the KV cache).
+``q[i]`` is the draft distribution node i was drawn from (shared by siblings), or ``None`` when the
+drafter is deterministic (a point mass on each proposed token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """What the controller allows for the next draft."""
+
+    depth: int  # longest root-to-leaf chain of draft nodes; 0 = do not draft
+    width: int = 1  # candidates per node (1 = a chain)
+    max_nodes: int = 16
+
+
+@dataclass
+class DraftTree:
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    q: list[np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def depths(self) -> list[int]:
+        d: list[int] = []
+        for p in self.parents:
+            d.append(1 if p < 0 else d[p] + 1)
+        return d
+
+    def children(self, node: int) -> list[int]:
+        """Children of ``node`` (-1 = the root), in proposal order."""
+        return [i for i, p in enumerate(self.parents) if p == node]
+
+
+@dataclass
+class DraftContext:
+    cached: list[int]  # tokens committed to the target's cache (read-only)
+    root: int  # the target's newest token, which the draft continues
+    hidden: np.ndarray | None  # target's post-norm hidden state at the position that produced the root
+    logits: np.ndarray | None  # target's logits at that position
+
+
+@dataclass
+class VerifyResult:
+    """What the target decided about a tree: accepted node indices (a chain) and the token after them."""
+
+    tree: DraftTree
+    accepted: list[int]
+    next_token: int
+    hidden: np.ndarray | None = None  # target hidden states of [root] + tree nodes
+    logits: np.ndarray | None = None  # target logits of [root] + tree nodes
+
+
+class Drafter(Protocol):
+    name: str
+
+    def propose(self, ctx: DraftContext, shape: TreeShape) -> DraftTree: ...
+
+    def observe(self, result: VerifyResult) -> None: ...
+
+    def reset(self) -> None:
+        """Forget per-request state (called when a new prompt starts)."""
+        ...
+
+    def footprint(self) -> dict[str, int]:
+        """Bytes this drafter uses: {"now": ..., "max": ...}."""
+        ...
+
+
+def pack_beams(beams: list[list[int]], scores: list[float] | None = None) -> tuple[DraftTree, list[int]]:
+    """Pack token sequences into a prefix-deduplicated tree. Returns the tree and each beam's leaf node.
+
+    Beams that share a prefix share its nodes; nodes are emitted parents-first, in beam order.
+    """
+    tree = DraftTree()
+    index: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+    leaves = []
+    order = range(len(beams)) if scores is None else sorted(range(len(beams)), key=lambda i: -scores[i])
+    leaf_of = {}
+    for b in order:
+        parent = -1
+        for tok in beams[b]:
+            key = (parent, tok)
+            node = index.get(key)
+            if node is None:
+                node = index[key] = len(tree.tokens)
+                tree.tokens.append(tok)
+                tree.parents.append(parent)
+            parent = node
+        leaf_of[b] = parent
+    leaves = [leaf_of[b] for b in range(len(beams))]
+    return tree, leaves

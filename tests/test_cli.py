@@ -1,0 +1,54 @@
+"""The edgespec command, end to end in a subprocess."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, input=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "edgespec", *args], capture_output=True, text=True,
+                          input=input, timeout=timeout)
+
+
+def test_generate_end_to_end(smol_path):
+    r = run("generate", "--model", "smollm2-135m", "--max-tokens", "24", "--threads", "2",
+            "Write a Python function that adds two numbers.")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip()) > 10
+    assert "tok/s" in r.stderr and "TTFT" in r.stderr
+
+
+def test_generate_from_stdin_raw(smol_path):
+    r = run("generate", "--model", str(smol_path), "--raw", "--max-tokens", "8", input="def add(a, b):")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+def test_chat_end_to_end(smol_path):
+    script = "Hello!\n/stats\nWhat did I just say?\n/reset\n/exit\n"
+    r = run("chat", "--model", "smollm2-135m", "--max-tokens", "16", "--system", "Be brief.", input=script)
+    assert r.returncode == 0, r.stderr
+    assert "KV cache:" in r.stderr and "turns: 1" in r.stderr
+    assert "conversation cleared" in r.stderr
+    assert r.stderr.count("tok/s") >= 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "--model", "no-such-model", "hi"], "Unknown model id"),
+    (["generate", "--model", "/nonexistent/x.gguf", "hi"], "not found"),
+    (["generate", "--model", "smollm2-135m", "--top-p", "0", "hi"], "top_p"),
+    (["models", "path", "definitely-not"], "Unknown model id"),
+])
+def test_cli_errors_are_clear(smol_path, args, message):
+    r = run(*args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_models_list():
+    r = run("models", "list")
+    assert r.returncode == 0
+    for mid in ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", "smollm2-135m", "gemma-3-270m"):
+        assert mid in r.stdout
