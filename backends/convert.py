@@ -22,8 +22,9 @@ import numpy as np
 from tqdm import tqdm
 
 GROUP_SIZE = 64
-BITS = {"4": 4, "8": 8, "none": None}
-FORMAT_VERSION = 1
+GGUF_GROUP = 32  # the block size of llama.cpp's quant types
+MODES = {"4": "q4", "8": "q8", "none": "f16", "gguf": "gguf"}
+FORMAT_VERSION = 2
 
 # GGUF name inside a block -> mlx-lm name inside ``model.layers.N``
 _BLOCK_NAMES = {
@@ -55,25 +56,24 @@ class ConvertError(RuntimeError):
     """The GGUF cannot be converted (unsupported architecture, tensor or setting)."""
 
 
-def n_bits(bits: int | str | None) -> int | None:
-    """4 or 8 for MLX affine quantization; None (``"none"``) for float16 weights."""
+def mode(bits: int | str | None) -> str:
+    """``4`` -> ``q4``, ``8`` -> ``q8``, ``None``/``"none"`` -> ``f16``, ``"gguf"`` -> ``gguf``.
+
+    ``q4``/``q8``: MLX affine quantization of the dequantized weights (group 64). ``f16``: float16.
+    ``gguf``: llama.cpp's own codes, transcribed exactly where the block format allows (4-bit blocks
+    -> MLX 4-bit, 5- and 8-bit blocks -> MLX 8-bit, group 32), 8-bit re-quantization elsewhere.
+    """
     key = "none" if bits is None else str(bits).lower()
-    if key not in BITS:
-        raise ConvertError(f"bits must be 4, 8 or 'none', not {bits!r}")
-    return BITS[key]
-
-
-def bits_tag(bits: int | str | None) -> str:
-    """``4`` -> ``q4``, ``8`` -> ``q8``, ``None``/``"none"`` -> ``f16``."""
-    n = n_bits(bits)
-    return f"q{n}" if n else "f16"
+    if key not in MODES:
+        raise ConvertError(f"bits must be 4, 8, 'none' or 'gguf', not {bits!r}")
+    return MODES[key]
 
 
 def mlx_dir(gguf_path: str | Path, bits: int | str | None = 4) -> Path:
     """Where the converted model of ``gguf_path`` lives (whether or not it exists yet)."""
     from edgespec import registry
 
-    return registry.cache_dir() / "mlx" / f"{Path(gguf_path).stem}-{bits_tag(bits)}"
+    return registry.cache_dir() / "mlx" / f"{Path(gguf_path).stem}-{mode(bits)}"
 
 
 def _field(reader, key: str, default=None):
@@ -153,7 +153,7 @@ def model_config(reader) -> dict:
 
 
 def _dequantized(reader, arch: str):
-    """Yield (mlx name, float32 array) for every tensor of the GGUF."""
+    """Yield (GGUF tensor, mlx name, float32 array in mlx-lm's layout) for every tensor of the GGUF."""
     from gguf.quants import dequantize
 
     for t in reader.tensors:
@@ -162,11 +162,66 @@ def _dequantized(reader, arch: str):
         w = w.reshape([int(n) for n in reversed(t.shape)])
         if arch == "gemma3" and name.endswith("norm.weight"):
             w = w - 1.0  # GGUF holds 1 + w; mlx-lm's Gemma RMSNorm adds the 1
-        yield name, w
+        yield t, name, w
+
+
+def _probes() -> dict:
+    """Block headers that make llama.cpp's dequantization return the raw integer codes.
+
+    Scale 1 and offset 0 (for K-quants: d = 1, dmin = 0 and every 6-bit sub-block scale 1, min 0).
+    Value: (code bits, header bytes written at the start of each block).
+    """
+    from gguf import GGMLQuantizationType as T
+
+    one, zero = np.float16(1).tobytes(), np.float16(0).tobytes()
+    k_scales = bytes([1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1])
+    return {T.Q4_0: (4, one), T.Q4_1: (4, one + zero), T.Q5_0: (5, one), T.Q5_1: (5, one + zero),
+            T.Q8_0: (8, one), T.Q4_K: (4, one + zero + k_scales), T.Q5_K: (5, one + zero + k_scales)}
+
+
+def transcribe(t, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
+    """llama.cpp's codes of tensor ``t`` as MLX affine quantization (group 32), or None if not exact.
+
+    Every block type in ``_probes`` is affine per 32 weights: w = s * q + b with q integer. The codes
+    come from dequantizing the blocks with a unit header; s and b from the real values. Returns
+    (packed uint32 [rows, cols * bits / 32], scales, biases, bits), bits 4 for 4-bit codes, else 8.
+    """
+    from gguf.quants import GGML_QUANT_SIZES, dequantize
+
+    probe = _probes().get(t.tensor_type)
+    if probe is None or w.ndim != 2 or w.shape[1] % GGUF_GROUP:
+        return None
+    code_bits, header = probe
+    type_size = GGML_QUANT_SIZES[t.tensor_type][1]
+    blocks = np.array(t.data, dtype=np.uint8).reshape(-1, type_size)
+    blocks[:, :len(header)] = np.frombuffer(header, dtype=np.uint8)
+    codes = dequantize(blocks.reshape(t.data.shape), t.tensor_type).reshape(w.shape)
+    rows, cols = w.shape
+    g = codes.reshape(rows, cols // GGUF_GROUP, GGUF_GROUP)
+    q = np.rint(g - g.min(axis=-1, keepdims=True)).astype(np.int64)
+    wg = w.reshape(g.shape).astype(np.float64)
+    lo = np.take_along_axis(wg, q.argmin(-1)[..., None], -1)[..., 0]
+    hi = np.take_along_axis(wg, q.argmax(-1)[..., None], -1)[..., 0]
+    qmax = q.max(axis=-1)
+    scale = np.where(qmax > 0, (hi - lo) / np.maximum(qmax, 1), 0.0)
+    bias = lo
+    err = np.abs(scale[..., None] * q + bias[..., None] - wg).max()
+    if q.max() >= 1 << code_bits or err > 1e-5 * max(float(np.abs(wg).max()), 1e-12):
+        return None
+    bits = 4 if code_bits <= 4 else 8
+    per_word = 32 // bits
+    words = q.reshape(rows, cols // per_word, per_word).astype(np.uint32)
+    shifts = (np.arange(per_word, dtype=np.uint32) * bits)[None, None, :]
+    packed = np.bitwise_or.reduce(words << shifts, axis=-1).astype(np.uint32)
+    return packed, scale.astype(np.float16), bias.astype(np.float16), bits
 
 
 def build_model(cfg: dict, weights: dict | None = None):
-    """Instantiate the mlx-lm model of ``cfg`` (quantized layers if ``cfg['quantization']``)."""
+    """Instantiate the mlx-lm model of ``cfg`` (quantized layers if ``cfg['quantization']``).
+
+    ``cfg['quantization']`` holds the default ``group_size``/``bits`` and, as in mlx-lm, optional
+    per-layer entries (``{"model.layers.0.mlp.down_proj": {"group_size": 32, "bits": 8}}``).
+    """
     import mlx.nn as nn
 
     arch = importlib.import_module(f"mlx_lm.models.{cfg['model_type']}")
@@ -176,9 +231,13 @@ def build_model(cfg: dict, weights: dict | None = None):
     q = cfg.get("quantization")
     if q:
         keys = set(weights) if weights is not None else None
-        nn.quantize(model, group_size=q["group_size"], bits=q["bits"],
-                    class_predicate=lambda p, m: _quantizable(m, q["group_size"])
-                    and (keys is None or f"{p}.scales" in keys))
+
+        def predicate(path, module):
+            if path in q:
+                return q[path]
+            return _quantizable(module, q["group_size"]) and (keys is None or f"{path}.scales" in keys)
+
+        nn.quantize(model, group_size=q["group_size"], bits=q["bits"], class_predicate=predicate)
     if weights is not None:
         model.load_weights(list(weights.items()), strict=True)
     return model
@@ -188,12 +247,35 @@ def _quantizable(module, group_size: int) -> bool:
     return hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
 
 
-def convert(gguf_path: str | Path, bits: int | str | None = 4, out_dir: Path | None = None,
+def _gguf_weights(reader, arch: str, bar) -> tuple[dict, dict]:
+    """Weights for ``gguf`` mode, and the per-layer quantization entries of the config."""
+    import mlx.core as mx
+
+    weights, layers = {}, {}
+    for t, name, w in bar(_dequantized(reader, arch)):
+        path = name.removesuffix(".weight")
+        res = transcribe(t, w) if name.endswith(".weight") else None
+        is_float = t.tensor_type.name in ("F32", "F16", "BF16")
+        if res is None and not is_float and w.ndim == 2 and w.shape[1] % GGUF_GROUP == 0:
+            qw, qs, qb = mx.quantize(mx.array(w), GGUF_GROUP, 8)  # e.g. Q6_K: 16-weight sub-blocks
+            res = (qw, qs.astype(mx.float16), qb.astype(mx.float16), 8)
+        if res is None:
+            weights[name] = mx.array(w).astype(mx.float16)
+            continue
+        packed, scales, biases, bits = res
+        weights[name] = mx.array(packed)
+        weights[f"{path}.scales"] = mx.array(scales)
+        weights[f"{path}.biases"] = mx.array(biases)
+        layers[path] = {"group_size": GGUF_GROUP, "bits": bits}
+    return weights, layers
+
+
+def convert(gguf_path: str | Path, bits: int | str | None = "gguf", out_dir: Path | None = None,
             force: bool = False, progress: bool = True) -> Path:
     """Convert ``gguf_path`` once and return the folder (``config.json`` + ``model.safetensors``).
 
-    ``bits`` is 4 or 8 (MLX affine quantization, group 64) or ``"none"`` (float16). A folder that
-    exists and was made from a file of the same size is reused unless ``force``.
+    ``bits``: see ``mode``. A folder that exists and was made from a file of the same size (and the
+    same format version) is reused unless ``force``.
     """
     import gguf
     import mlx.core as mx
@@ -201,25 +283,32 @@ def convert(gguf_path: str | Path, bits: int | str | None = 4, out_dir: Path | N
     from mlx.utils import tree_flatten
 
     gguf_path = Path(gguf_path)
+    kind = mode(bits)
     out = Path(out_dir) if out_dir else mlx_dir(gguf_path, bits)
     stamp = {"gguf": gguf_path.name, "gguf_size": gguf_path.stat().st_size, "format": FORMAT_VERSION}
     if not force and is_converted(out, stamp):
         return out
-    nbits = n_bits(bits)
     reader = gguf.GGUFReader(gguf_path)
     cfg = model_config(reader)
     arch = _field(reader, "general.architecture")
-    weights = {}
-    for name, w in tqdm(_dequantized(reader, arch), total=len(reader.tensors), unit="tensor",
-                        desc=f"convert {gguf_path.stem}", disable=not progress):
-        weights[name] = mx.array(w).astype(mx.float16)
-        mx.eval(weights[name])
-    model = build_model(cfg, weights)
+
+    def bar(it):
+        return tqdm(it, total=len(reader.tensors), unit="tensor", desc=f"convert {gguf_path.stem} ({kind})",
+                    disable=not progress)
+
+    if kind == "gguf":
+        weights, layers = _gguf_weights(reader, arch, bar)
+        cfg["quantization"] = {"group_size": GGUF_GROUP, "bits": 4, **layers}
+        model = build_model(cfg, weights)
+    else:
+        weights = {name: mx.array(w).astype(mx.float16) for _, name, w in bar(_dequantized(reader, arch))}
+        model = build_model(cfg, weights)
+        if kind in ("q4", "q8"):
+            nbits = int(kind[1:])
+            nn.quantize(model, group_size=GROUP_SIZE, bits=nbits,
+                        class_predicate=lambda p, m: _quantizable(m, GROUP_SIZE))
+            cfg["quantization"] = {"group_size": GROUP_SIZE, "bits": nbits}
     del weights
-    if nbits:
-        nn.quantize(model, group_size=GROUP_SIZE, bits=nbits,
-                    class_predicate=lambda p, m: _quantizable(m, GROUP_SIZE))
-        cfg["quantization"] = {"group_size": GROUP_SIZE, "bits": nbits}
     cfg["edgespec"] = stamp
     params = dict(tree_flatten(model.parameters()))
     out.parent.mkdir(parents=True, exist_ok=True)

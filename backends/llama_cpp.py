@@ -15,7 +15,6 @@ from pathlib import Path
 
 import llama_cpp as lc
 import numpy as np
-
 from edgespec.backends.base import (
     BackendError,
     ContextFullError,

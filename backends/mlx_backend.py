@@ -196,7 +196,7 @@ class MlxBackend:
         self.memory_limit = memory_limit
         self._tok = GgufVocab(path)
         self.mlx_path = convert.convert(path, bits=bits, progress=progress)
-        self.bits = convert.n_bits(bits)
+        self.mode = convert.mode(bits)
         self.model, self.config = convert.load(self.mlx_path)
         self.info = self._tok.info(self.config)
         self.dtype = DTYPES[dtype]
@@ -242,7 +242,7 @@ class MlxBackend:
             "kv_allocated_bytes": sum(c.nbytes for c in self._cache),
             "memory_limit": self.memory_limit,
             "device": str(mx.default_device()),
-            "bits": self.bits,
+            "weights_mode": self.mode,
         }
         return MemoryInfo(weights_bytes=int(weights), kv_bytes_per_token=int(per_tok), n_ctx=self.n_ctx,
                           n_cached=len(self.cached), extra=extra)
@@ -266,7 +266,12 @@ class MlxBackend:
         for c in self._cache:
             c.offset = n
 
-    def prefill(self, tokens: list[int]) -> ForwardOut:
+    def prefill(self, tokens: list[int], want_hidden: bool = False) -> ForwardOut:
+        """Append ``tokens`` in n_batch chunks; return the last position's logits and hidden state.
+
+        The hidden state costs nothing extra here, so it is always returned (``want_hidden`` is accepted
+        for the protocol).
+        """
         if not tokens:
             raise BackendError("prefill needs at least one token")
         self._drop_pending()

@@ -20,6 +20,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens (default 4096)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores, at most 8)")
     p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"])
+    p.add_argument("--draft", default=None,
+                   help="speculative drafter: ngram, or model:<id> for a same-vocabulary draft model (default: none)")
+    p.add_argument("--draft-depth", type=int, default=None, help="fixed draft depth (default: cost-aware controller)")
+    p.add_argument("--draft-width", type=int, default=1, help="candidates per draft node")
 
 
 def _add_gen_args(p: argparse.ArgumentParser) -> None:
@@ -40,7 +44,8 @@ def _gen_kwargs(a: argparse.Namespace) -> dict:
 def _load(a: argparse.Namespace):
     from edgespec.runtime import load
 
-    return load(a.model, n_ctx=a.n_ctx, n_threads=a.threads, kv_type=a.kv_type, backend=a.backend)
+    return load(a.model, n_ctx=a.n_ctx, n_threads=a.threads, kv_type=a.kv_type, backend=a.backend,
+                draft=a.draft, draft_depth=a.draft_depth, draft_width=a.draft_width)
 
 
 def _print_stats(stats: Stats) -> None:
@@ -87,6 +92,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from edgespec.bench import main as bench_main
+
+    return bench_main(a)
+
+
 HELP = "/reset clears the conversation, /stats shows statistics, /exit quits (Ctrl-C stops a reply)"
 
 
@@ -124,7 +135,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
             print(HELP, file=sys.stderr)
             continue
         stop = threading.Event()
-        old = signal.signal(signal.SIGINT, lambda *_: stop.set())
+        old = signal.signal(signal.SIGINT, lambda *_, ev=stop: ev.set())
         try:
             dropped_before = sess.dropped
             for chunk in sess.send(line, cancel=stop, **_gen_kwargs(a)):
@@ -175,6 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the stats as JSON on stderr")
     p.add_argument("prompt", nargs="*")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="benchmark decoding methods side by side on the same prompts")
+    p.add_argument("--model", "-m", default=registry.DEFAULT_MODEL)
+    p.add_argument("--prompts", default="humaneval", choices=["humaneval", "chat", "adversarial"])
+    p.add_argument("--n", type=int, default=20, help="number of prompts (default 20)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--methods", default="plain,llama-python,anchor-2,anchor-10,ngram",
+                   help="comma-separated: plain, llama-python, anchor-K, ngram[@D[xW]], model:<id>[@D]")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--n-ctx", type=int, default=2048)
+    p.add_argument("--llama-bench", default=None, help="path to llama.cpp's llama-bench for the C++ baseline")
+    p.add_argument("--out", default="bench_out/latest")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat")
     _add_model_args(p)

@@ -17,8 +17,12 @@ from typing import TYPE_CHECKING
 from edgespec import registry
 from edgespec.backends.base import Backend
 from edgespec.backends.chat_template import render
-from edgespec.generate import Cancel, GenerationConfig, PromptTooLongError, Stats, stream
+from edgespec.controller import Controller, ControllerConfig, calibrate
+from edgespec.generate import Cancel, GenerationConfig, PromptTooLongError, Stats, plain_steps, stream
+from edgespec.models.drafter import Drafter
+from edgespec.models.ngram import NgramDrafter
 from edgespec.sampling import SamplingParams
+from edgespec.speculative import speculative_steps
 
 if TYPE_CHECKING:
     from edgespec.session import ChatSession
@@ -32,6 +36,9 @@ class LoadOptions:
     n_threads: int | None = None
     kv_type: str = "f16"  # f16 | q8_0 | q4_0
     backend: str = "auto"
+    draft: str | None = None  # None | "ngram" | "model:<id or path>"
+    draft_depth: int | None = None  # fixed draft depth instead of the cost-aware controller
+    draft_width: int = 1
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -97,12 +104,31 @@ def open_backend(path: Path, opts: LoadOptions) -> Backend:
     return LlamaCppBackend(path, n_ctx=opts.n_ctx, n_threads=opts.n_threads, kv_type=opts.kv_type)
 
 
+def make_drafter(spec: str, target: Backend, opts: LoadOptions) -> Drafter:
+    """Build a drafter from its name: ``ngram`` or ``model:<id or path>`` (same vocabulary)."""
+    if spec == "ngram":
+        return NgramDrafter()
+    if spec.startswith("model:"):
+        from edgespec.models.draft_model import DraftModelDrafter
+
+        path = registry.resolve(spec[len("model:"):])
+        draft_opts = LoadOptions(n_ctx=opts.n_ctx, n_threads=opts.n_threads, kv_type=opts.kv_type, backend=opts.backend)
+        return DraftModelDrafter(open_backend(path, draft_opts), target_vocab=target.info.n_vocab)
+    raise ValueError(f"unknown drafter {spec!r}: use 'ngram' or 'model:<id or path>'")
+
+
 class Runtime:
-    def __init__(self, backend: Backend, model: str):
+    def __init__(self, backend: Backend, model: str, drafter: Drafter | None = None,
+                 controller: ControllerConfig | None = None):
         self.backend = backend
         self.model = model
         self.lock = threading.RLock()
         self.last_stats: Stats | None = None
+        self.drafter = drafter
+        self.controller = Controller(controller or ControllerConfig())
+        if drafter is not None and self.controller.cfg.fixed_depth is None:
+            self.controller.verify_s.update(calibrate(backend))  # seed the cost model (~1 s)
+            backend.truncate(0)
 
     # ---- prompts --------------------------------------------------------------------------------
     def encode_chat(self, messages: list[dict]) -> list[int]:
@@ -140,7 +166,9 @@ class Runtime:
     def stream_tokens(self, tokens: list[int], req: Request, stats: Stats, out: list[int]) -> Iterator[str]:
         with self.lock:
             self.last_stats = stats
-            yield from stream(self.backend, tokens, req.config(), stats, cancel=req.cancel, out_tokens=out)
+            steps = plain_steps if self.drafter is None else speculative_steps(self.drafter, self.controller)
+            yield from stream(self.backend, tokens, req.config(), stats, steps=steps, cancel=req.cancel,
+                              out_tokens=out, want_hidden=getattr(self.drafter, "needs_hidden", False))
 
     def stream(self, prompt: str | list[int], **kwargs) -> Iterator[str]:
         """Yield text chunks of a raw completion of ``prompt``; stats land in ``last_stats``."""
@@ -178,6 +206,8 @@ class Runtime:
     def close(self) -> None:
         with self.lock:
             self.backend.close()
+            if hasattr(self.drafter, "backend"):
+                self.drafter.backend.close()
 
     def __enter__(self):
         return self
@@ -189,8 +219,13 @@ class Runtime:
 def load(model: str = registry.DEFAULT_MODEL, **options) -> Runtime:
     """Load a model by registry id or ``.gguf`` path (downloading a registry model on first use).
 
-    Options: n_ctx, n_threads, kv_type (f16|q8_0|q4_0), backend (auto|llama.cpp|mlx).
+    Options: n_ctx, n_threads, kv_type (f16|q8_0|q4_0), backend (auto|llama.cpp|mlx), draft (None,
+    "ngram" or "model:<id>"), draft_depth (fix the depth instead of the cost-aware controller),
+    draft_width.
     """
     opts = LoadOptions(**options)
     path = registry.resolve(model)
-    return Runtime(open_backend(path, opts), model)
+    backend = open_backend(path, opts)
+    drafter = make_drafter(opts.draft, backend, opts) if opts.draft else None
+    ctl = ControllerConfig(width=opts.draft_width, fixed_depth=opts.draft_depth)
+    return Runtime(backend, model, drafter, ctl)

@@ -9,7 +9,6 @@ draft cache out of step.
 from __future__ import annotations
 
 import numpy as np
-
 from edgespec.backends.base import Backend, common_prefix
 from edgespec.models.drafter import DraftContext, DraftTree, TreeShape, VerifyResult
 

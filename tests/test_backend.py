@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from edgespec.backends.base import BackendError, StreamDecoder, detokenize
 
 TEXTS = [

