@@ -1,8 +1,10 @@
-"""GGUF to MLX conversion: dequantize with ``gguf``, re-quantize with MLX, save an mlx-lm model folder.
+"""GGUF to MLX conversion: llama.cpp's weights as an mlx-lm model folder, made once and cached.
 
 The result is a folder with ``config.json`` and ``model.safetensors`` in the layout of mlx-lm's model
 classes (``mlx_lm.models.qwen2``, ``llama``, ``gemma3_text``), cached under
-``<edgespec cache>/mlx/<model-stem>-<q4|q8|f16>`` and written once, atomically.
+``<edgespec cache>/mlx/<model-stem>-<gguf|q4|q8|f16>`` and written atomically (a temporary folder,
+then a rename). See ``mode`` for the weight formats; the default, ``gguf``, keeps llama.cpp's own
+quantization codes wherever MLX's affine format can hold them exactly.
 
 Weights are kept in llama.cpp's layout where that is exact: llama-arch GGUFs store Q and K with
 llama.cpp's rope permutation (pairs of adjacent dimensions), so instead of undoing it we run the
@@ -24,7 +26,7 @@ from tqdm import tqdm
 GROUP_SIZE = 64
 GGUF_GROUP = 32  # the block size of llama.cpp's quant types
 MODES = {"4": "q4", "8": "q8", "none": "f16", "gguf": "gguf"}
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 # GGUF name inside a block -> mlx-lm name inside ``model.layers.N``
 _BLOCK_NAMES = {
@@ -60,8 +62,9 @@ def mode(bits: int | str | None) -> str:
     """``4`` -> ``q4``, ``8`` -> ``q8``, ``None``/``"none"`` -> ``f16``, ``"gguf"`` -> ``gguf``.
 
     ``q4``/``q8``: MLX affine quantization of the dequantized weights (group 64). ``f16``: float16.
-    ``gguf``: llama.cpp's own codes, transcribed exactly where the block format allows (4-bit blocks
-    -> MLX 4-bit, 5- and 8-bit blocks -> MLX 8-bit, group 32), 8-bit re-quantization elsewhere.
+    ``gguf``: llama.cpp's own codes, transcribed exactly where the block format allows (Q4_0/Q4_1/Q4_K
+    -> MLX 4-bit, Q5_0/Q5_1/Q5_K -> 5-bit, Q8_0 -> 8-bit, group 32), 8-bit re-quantization elsewhere
+    (Q6_K, Q2_K, Q3_K and the IQ types have 16-weight sub-blocks or non-affine codes).
     """
     key = "none" if bits is None else str(bits).lower()
     if key not in MODES:
@@ -69,7 +72,7 @@ def mode(bits: int | str | None) -> str:
     return MODES[key]
 
 
-def mlx_dir(gguf_path: str | Path, bits: int | str | None = 4) -> Path:
+def mlx_dir(gguf_path: str | Path, bits: int | str | None = "gguf") -> Path:
     """Where the converted model of ``gguf_path`` lives (whether or not it exists yet)."""
     from edgespec import registry
 
@@ -133,8 +136,6 @@ def model_config(reader) -> dict:
         "tie_word_embeddings": "output.weight" not in names,
     }
     if arch == "llama":
-        if head_dim * n_head != n_embd and "llama.attention.key_length" not in reader.fields:
-            raise ConvertError("llama GGUF without attention.key_length and n_embd % n_head != 0")
         cfg["rope_traditional"] = True  # llama.cpp's NORM rope on its permuted Q/K layout
         cfg["attention_bias"] = "blk.0.attn_q.bias" in names
         cfg["mlp_bias"] = False
@@ -184,7 +185,7 @@ def transcribe(t, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, in
 
     Every block type in ``_probes`` is affine per 32 weights: w = s * q + b with q integer. The codes
     come from dequantizing the blocks with a unit header; s and b from the real values. Returns
-    (packed uint32 [rows, cols * bits / 32], scales, biases, bits), bits 4 for 4-bit codes, else 8.
+    (packed uint32 [rows, cols * bits / 32], scales, biases, bits) with the source's bits (4, 5 or 8).
     """
     from gguf.quants import GGML_QUANT_SIZES, dequantize
 
@@ -208,12 +209,14 @@ def transcribe(t, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, in
     err = np.abs(scale[..., None] * q + bias[..., None] - wg).max()
     if q.max() >= 1 << code_bits or err > 1e-5 * max(float(np.abs(wg).max()), 1e-12):
         return None
-    bits = 4 if code_bits <= 4 else 8
-    per_word = 32 // bits
-    words = q.reshape(rows, cols // per_word, per_word).astype(np.uint32)
-    shifts = (np.arange(per_word, dtype=np.uint32) * bits)[None, None, :]
-    packed = np.bitwise_or.reduce(words << shifts, axis=-1).astype(np.uint32)
-    return packed, scale.astype(np.float16), bias.astype(np.float16), bits
+    return pack(q.reshape(rows, cols), code_bits), scale.astype(np.float16), bias.astype(np.float16), code_bits
+
+
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """MLX's packing of ``bits``-bit codes: each row a little-endian bit stream, read as uint32 words."""
+    rows = q.shape[0]
+    stream = ((q[..., None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(rows, -1)
+    return np.packbits(stream, axis=1, bitorder="little").view("<u4")
 
 
 def build_model(cfg: dict, weights: dict | None = None):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from collections import deque
 from pathlib import Path
 
@@ -60,7 +61,8 @@ class LlamaCppBackend:
     name = "llama.cpp"
 
     def __init__(self, path: str | Path, n_ctx: int = 4096, n_threads: int | None = None,
-                 kv_type: str = "f16", n_batch: int = 512, n_seq_max: int = 8, flash_attn: bool = True):
+                 kv_type: str = "f16", n_batch: int = 512, n_seq_max: int = 8, flash_attn: bool = True,
+                 mmap: bool | None = None):
         _init_once()
         if kv_type not in KV_TYPES:
             raise BackendError(f"kv_type must be one of {list(KV_TYPES)}, not {kv_type!r}")
@@ -68,6 +70,11 @@ class LlamaCppBackend:
             raise BackendError(f"n_ctx must be at least 16, not {n_ctx}")
         self.path = str(path)
         mparams = lc.llama_model_default_params()
+        # No mmap on CPU: llama.cpp repacks many quantized tensors into a second buffer, and the mmapped
+        # originals then stay resident too (qwen2.5-coder-1.5b: 1887 MiB RSS with mmap, 1291 without).
+        if mmap is None:
+            mmap = sys.platform == "darwin"
+        mparams.load_mode = lc.LLAMA_LOAD_MODE_MMAP if mmap else lc.LLAMA_LOAD_MODE_NONE
         _LOG.clear()
         self._model = lc.llama_model_load_from_file(self.path.encode(), mparams)
         if not self._model:

@@ -2,13 +2,15 @@
 
 On Apple Silicon that is Metal; with ``mlx[cpu]`` (Linux) it is the CPU. No device is chosen here.
 
-- Weights: converted once by ``edgespec.backends.convert`` (dequantize, MLX affine re-quantize).
+- Weights: converted once by ``edgespec.backends.convert`` (by default llama.cpp's own quantization
+  codes, transcribed into MLX's affine format).
 - Tokens: llama.cpp's own tokenizer from a vocab-only load of the same GGUF, so ids match the
   llama.cpp backend exactly.
-- Cache: one mlx-lm ``KVCache`` per layer. A token tree is evaluated in one call: its nodes take the
-  cache slots after the committed prefix in node order, each node sees the whole prefix, its ancestors
-  and itself (an explicit additive mask), and is rotated at position ``len(cached) + depth``.
-  ``commit`` gathers the kept nodes' K/V rows into consecutive slots and drops the rest.
+- Cache: one mlx-lm ``KVCache`` per layer (also for gemma3's sliding-window layers, whose window is
+  applied by the mask: a ``RotatingKVCache`` cannot roll back). A token tree is evaluated in one call:
+  its nodes take the cache slots after the committed prefix in node order, each node sees the whole
+  prefix, its ancestors and itself (an explicit additive mask), and is rotated at position
+  ``len(cached) + depth``. ``commit`` gathers the kept nodes' K/V rows into consecutive slots.
 """
 
 from __future__ import annotations
@@ -174,7 +176,7 @@ class TreeRope(nn.Module):
 
 
 def default_dtype() -> str:
-    """float32 on the CPU build (faster and exact there), float16 on a GPU (Metal)."""
+    """float32 on the CPU build (its float16 quantized matmul is ~30x slower), float16 on a GPU (Metal)."""
     return "float32" if mx.default_device() == mx.cpu else "float16"
 
 
@@ -183,15 +185,21 @@ class MlxBackend:
 
     name = "mlx"
 
-    def __init__(self, path: str | Path, n_ctx: int = 4096, bits: int | str | None = 4, n_batch: int = 512,
+    def __init__(self, path: str | Path, n_ctx: int = 4096, bits: int | str | None = "gguf", n_batch: int = 512,
                  memory_limit: int | None = None, dtype: str | None = None, progress: bool = True):
+        """Load (converting on first use) the GGUF at ``path``.
+
+        ``bits``: weights mode, see ``convert.mode`` (``"gguf"``: llama.cpp's codes transcribed,
+        4 / 8: MLX re-quantization, ``"none"``: float16). ``dtype``: activations and float weights
+        (default float32 on the CPU, float16 on a GPU). ``memory_limit``: bytes, passed to
+        ``mx.set_memory_limit`` (process-wide; the previous limit comes back on ``close``).
+        """
         if n_ctx < 16:
             raise BackendError(f"n_ctx must be at least 16, not {n_ctx}")
         dtype = dtype or default_dtype()
         if dtype not in DTYPES:
             raise BackendError(f"dtype must be one of {list(DTYPES)}, not {dtype!r}")
-        if memory_limit:
-            mx.set_memory_limit(int(memory_limit))
+        self._old_limit = mx.set_memory_limit(int(memory_limit)) if memory_limit else None
         self.path = str(path)
         self.memory_limit = memory_limit
         self._tok = GgufVocab(path)
@@ -240,7 +248,7 @@ class MlxBackend:
             "peak_bytes": mx.get_peak_memory(),
             "cache_bytes": mx.get_cache_memory(),
             "kv_allocated_bytes": sum(c.nbytes for c in self._cache),
-            "memory_limit": self.memory_limit,
+            "memory_limit": mx.get_memory_limit(),
             "device": str(mx.default_device()),
             "weights_mode": self.mode,
         }
@@ -340,6 +348,8 @@ class MlxBackend:
         if getattr(self, "_tok", None) is not None:
             self._tok.close()
             self._tok = None
+            if self._old_limit is not None:
+                mx.set_memory_limit(self._old_limit)
             self._cache = []
             self.model = None
             mx.clear_cache()

@@ -149,7 +149,8 @@ class Bench:
         for m in methods:
             if m.kind == "spec":
                 self.drafters[m.name] = make_drafter(m.drafter, self.target, opts)
-                ctl = Controller(ControllerConfig(width=m.width, fixed_depth=m.depth))
+                gating = getattr(self.drafters[m.name], "self_gating", False)
+                ctl = Controller(ControllerConfig(width=m.width, fixed_depth=m.depth, self_gating=gating))
                 ctl.verify_s.update(costs)
                 self.controllers[m.name] = ctl
             elif m.kind in ("anchor", "llama-python"):

@@ -92,6 +92,15 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(a: argparse.Namespace) -> int:
+    from edgespec.memory.planner import parse_size, plan
+
+    p = plan(registry.resolve(a.model), parse_size(a.memory_budget), want_ctx=a.n_ctx, min_ctx=a.min_ctx,
+             draft=None if a.draft == "none" else a.draft)
+    print(p.describe())
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from edgespec.bench import main as bench_main
 
@@ -199,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llama-bench", default=None, help="path to llama.cpp's llama-bench for the C++ baseline")
     p.add_argument("--out", default="bench_out/latest")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("plan", help="plan context, KV type and drafting for a memory budget")
+    p.add_argument("--model", "-m", default=registry.DEFAULT_MODEL)
+    p.add_argument("--memory-budget", required=True, help="e.g. 1.5GB or 800MB")
+    p.add_argument("--n-ctx", type=int, default=4096, help="wanted context (default 4096)")
+    p.add_argument("--min-ctx", type=int, default=512, help="smallest acceptable context (default 512)")
+    p.add_argument("--draft", default="ngram", help="drafter to plan for, or 'none'")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat")
     _add_model_args(p)

@@ -8,6 +8,10 @@ It keeps running estimates of
 For depth L the expected tokens per step are ``1 + sum_{d<=L} prod_{j<=d} a_j`` and the cost is
 ``verify(nodes(L) + 1) + L * draft``. Depth 0 is plain decoding. While depth 0 wins, a short
 probe draft is still tried now and then so that the estimates can recover when the text changes.
+
+A self-gating drafter (one that predicts its own acceptance, like the n-gram drafter) gets the
+marginal cost of every extra node instead, and drafts a node only where it expects to gain more
+than it costs; with no confident proposal the step is plain decoding, at no extra cost.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class ControllerConfig:
     alpha: float = 0.15  # EMA weight of a new observation
     probe_every: int = 16  # plain steps between probes while speculation does not pay
     fixed_depth: int | None = None  # bypass the cost model (benchmarks of a fixed shape)
+    self_gating: bool = False  # the drafter predicts its own acceptance and gates each node by cost
 
 
 @dataclass
@@ -74,8 +79,19 @@ class Controller:
             return self.cfg.fixed_depth
         return max(range(self.cfg.max_depth + 1), key=lambda d: (self.expected_rate(d), -d))
 
+    def node_costs(self) -> tuple[float, ...]:
+        """Marginal verify cost of each extra node, in plain decoding steps."""
+        t1 = self.verify_cost(1)
+        n = self.cfg.max_nodes
+        return tuple((self.verify_cost(k + 2) - self.verify_cost(k + 1)) / t1 + self.draft_s_per_node / t1
+                     for k in range(n))
+
     def next_shape(self, room: int) -> TreeShape:
-        depth = min(self.best_depth(), max(room, 0))
+        room = max(room, 0)
+        max_nodes = min(self.cfg.max_nodes, room)
+        if self.cfg.self_gating and self.cfg.fixed_depth is None:
+            return TreeShape(min(self.cfg.max_depth, room), self.cfg.width, max_nodes, self.node_costs())
+        depth = min(self.best_depth(), room)
         if depth == 0 and self.cfg.fixed_depth is None:
             self._plain_streak += 1
             if self._plain_streak >= self.cfg.probe_every and room >= 1:
@@ -83,7 +99,7 @@ class Controller:
                 depth = 1
         else:
             self._plain_streak = 0
-        return TreeShape(depth=depth, width=self.cfg.width, max_nodes=min(self.cfg.max_nodes, max(room, 0)))
+        return TreeShape(depth=depth, width=self.cfg.width, max_nodes=max_nodes)
 
     def observe(self, tree: DraftTree, accepted: list[int], draft_s: float, verify_s: float) -> None:
         a = self.cfg.alpha

@@ -227,5 +227,6 @@ def load(model: str = registry.DEFAULT_MODEL, **options) -> Runtime:
     path = registry.resolve(model)
     backend = open_backend(path, opts)
     drafter = make_drafter(opts.draft, backend, opts) if opts.draft else None
-    ctl = ControllerConfig(width=opts.draft_width, fixed_depth=opts.draft_depth)
+    ctl = ControllerConfig(width=opts.draft_width, fixed_depth=opts.draft_depth,
+                           self_gating=getattr(drafter, "self_gating", False))
     return Runtime(backend, model, drafter, ctl)

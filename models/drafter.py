@@ -16,11 +16,24 @@ import numpy as np
 
 @dataclass(frozen=True)
 class TreeShape:
-    """What the controller allows for the next draft."""
+    """What the controller allows for the next draft.
+
+    ``node_cost[k]`` is what adding a (k+1)-th node to the verify batch costs, in units of one plain
+    decoding step (tokens plain decoding would have produced meanwhile). A drafter that can predict
+    its own acceptance adds a node only when the chance that the target accepts the whole path to it
+    is at least that cost; others may ignore it.
+    """
 
     depth: int  # longest root-to-leaf chain of draft nodes; 0 = do not draft
     width: int = 1  # candidates per node (1 = a chain)
     max_nodes: int = 16
+    node_cost: tuple[float, ...] = ()
+
+    def worth(self, path_prob: float, n_nodes: int) -> bool:
+        """Is a node whose path is accepted with ``path_prob`` worth verifying as node ``n_nodes + 1``?"""
+        if n_nodes >= self.max_nodes:
+            return False
+        return not self.node_cost or path_prob >= self.node_cost[min(n_nodes, len(self.node_cost) - 1)]
 
 
 @dataclass

@@ -5,6 +5,10 @@ the text generated so far. An index maps each n-gram (n = 1..max_n) to the posit
 ended, newest last. To draft, the longest suffix of the history that occurred before is looked up,
 and the tokens that followed its most recent occurrences become candidate branches; branches are
 packed into a prefix-deduplicated tree. Each proposal costs a few dict lookups.
+
+The drafter learns how often the target accepts a first node (and a later node) after a match of
+length n, and adds a node only while the chance that its whole path is accepted exceeds what the
+controller says one more verify node costs (``TreeShape.worth``).
 """
 
 from __future__ import annotations
@@ -20,13 +24,22 @@ class NgramConfig:
     max_n: int = 4
     min_n: int = 1
     max_positions: int = 64  # most recent positions kept per n-gram
+    alpha: float = 0.1  # EMA weight of one observed acceptance
+    prior_first: float = 0.5  # initial acceptance of a first draft node, scaled by match length below
+    prior_next: float = 0.7  # initial acceptance of a node after an accepted one
 
 
 class NgramDrafter:
     name = "ngram"
+    self_gating = True  # predicts its own acceptance per match length
 
     def __init__(self, cfg: NgramConfig | None = None):
         self.cfg = cfg or NgramConfig()
+        c = self.cfg
+        # acceptance estimates per match length, learned online; they persist across requests
+        self.acc_first = {n: min(0.9, c.prior_first * (0.6 + 0.2 * n)) for n in range(c.min_n, c.max_n + 1)}
+        self.acc_next = {n: c.prior_next for n in range(c.min_n, c.max_n + 1)}
+        self._last: tuple[DraftTree, list[int]] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -57,35 +70,63 @@ class NgramDrafter:
             if len(lst) > cfg.max_positions:
                 del lst[0]
 
-    def propose(self, ctx: DraftContext, shape: TreeShape) -> DraftTree:
-        self._sync(ctx.cached, ctx.root)
+    def _candidates(self, shape: TreeShape) -> list[tuple[int, list[int]]]:
+        """(match length, continuation) for the most recent matches of the longest suffixes."""
         h = self.history
         end = len(h)
-        beams: list[list[int]] = []
+        found: list[tuple[int, list[int]]] = []
         seen_first: set[int] = set()
         for n in range(min(self.cfg.max_n, end - 1), self.cfg.min_n - 1, -1):
             for pos in reversed(self.index.get(tuple(h[end - n:]), ())):
-                if pos >= end:
-                    continue  # the suffix itself
-                cont = h[pos:pos + shape.depth]
-                if not cont or cont[0] in seen_first:
-                    continue
-                seen_first.add(cont[0])
-                beams.append(cont)
-                if len(beams) >= shape.width:
+                cont = h[pos:pos + shape.depth] if pos < end else []
+                if cont and cont[0] not in seen_first:
+                    seen_first.add(cont[0])
+                    found.append((n, cont))
+                    if len(found) >= shape.width:
+                        return found
+        return found
+
+    def propose(self, ctx: DraftContext, shape: TreeShape) -> DraftTree:
+        self._sync(ctx.cached, ctx.root)
+        beams, match_n = [], []
+        n_nodes = 0
+        for n, cont in self._candidates(shape):
+            path, keep = 1.0, 0
+            for j in range(len(cont)):
+                path *= self.acc_first[n] if j == 0 else self.acc_next[n]
+                if not shape.worth(path, n_nodes + keep):
                     break
-            if len(beams) >= shape.width:
-                break
+                keep += 1
+            if keep:
+                beams.append(cont[:keep])
+                match_n.append(n)
+                n_nodes += keep
         if not beams:
+            self._last = None
             return DraftTree()
-        tree, _ = pack_beams(beams)
-        if len(tree.tokens) > shape.max_nodes:
-            keep = list(range(shape.max_nodes))  # parents-first order: a prefix is a valid tree
-            tree = DraftTree([tree.tokens[i] for i in keep], [tree.parents[i] for i in keep])
+        tree, leaves = pack_beams(beams)
+        node_n = [0] * len(tree.tokens)
+        for leaf, n in zip(leaves, match_n, strict=True):
+            i = leaf
+            while i >= 0 and not node_n[i]:
+                node_n[i] = n
+                i = tree.parents[i]
+        self._last = (tree, node_n)
         return tree
 
     def observe(self, result: VerifyResult) -> None:
-        pass  # the history is re-read from the target's cache at the next proposal
+        """Learn the acceptance rate per match length from which nodes the target accepted."""
+        if self._last is None or self._last[0] is not result.tree:
+            return
+        tree, node_n = self._last
+        accepted = set(result.accepted)
+        a = self.cfg.alpha
+        for i, parent in enumerate(tree.parents):
+            if parent >= 0 and parent not in accepted:
+                continue  # never tested: its parent was rejected
+            table = self.acc_first if parent < 0 else self.acc_next
+            n = node_n[i]
+            table[n] = (1 - a) * table[n] + a * (1.0 if i in accepted else 0.0)
 
     def footprint(self) -> dict[str, int]:
         entries = sum(len(v) for v in self.index.values())

@@ -1,10 +1,11 @@
 """MLX backend on the CPU build: conversion, token ids, parity with llama.cpp, trees, commit and rollback.
 
-MLX on this CPU multiplies matrices without a fast BLAS (~0.1 s/token for smollm2-135m, ~0.5 s/token
+MLX on this CPU multiplies matrices without a fast BLAS (~0.15 s/token for smollm2-135m, ~0.5 s/token
 for qwen2.5-coder-0.5b), so sequences are short and the converted models are cached on disk.
 """
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -18,10 +19,9 @@ from edgespec.backends.mlx_backend import MlxBackend  # noqa: E402
 
 from tests.conftest import QWEN, SMALL, make_backend  # noqa: E402
 
-# smollm2 is small enough to keep float16 weights; qwen is converted to 8 bits (both near-lossless here)
-BITS = {SMALL: "none", QWEN: 8}
-PARITY_TOKENS = {SMALL: 256, QWEN: 128}
-NEAR_TIE = 0.5  # llama.cpp's own batch-vs-single logits differ by up to ~0.45 on smollm2
+MODE = "gguf"  # the default: llama.cpp's own codes, transcribed
+PARITY_TOKENS = {SMALL: 256, QWEN: 96}
+NEAR_TIE = 0.75  # top-2 logit margin below which llama.cpp's own batched and one-token decodes may disagree
 
 TEXTS = [
     "Hello, world! def f(x): return x ** 2",
@@ -83,7 +83,7 @@ def pair(request, smol_path, qwen_path):
     """(llama.cpp backend, MLX backend) on the same GGUF."""
     path = smol_path if request.param == SMALL else qwen_path
     ref = make_backend(path, n_ctx=1024)
-    mb = MlxBackend(path, n_ctx=1024, bits=BITS[request.param], progress=False)
+    mb = MlxBackend(path, n_ctx=1024, bits=MODE, progress=False)
     yield request.param, ref, mb
     mb.close()
     ref.close()
@@ -91,17 +91,17 @@ def pair(request, smol_path, qwen_path):
 
 @pytest.fixture(scope="module")
 def smol_mlx(smol_path):
-    b = MlxBackend(smol_path, n_ctx=1024, bits=BITS[SMALL], progress=False)
+    b = MlxBackend(smol_path, n_ctx=1024, bits=MODE, progress=False)
     yield b
     b.close()
 
 
 # ---- conversion ---------------------------------------------------------------------------------
 def test_conversion_is_cached_and_complete(smol_path, smol_mlx):
-    folder = convert.mlx_dir(smol_path, BITS[SMALL])
+    folder = convert.mlx_dir(smol_path, MODE)
     assert smol_mlx.mlx_path == folder
     mtime = (folder / "model.safetensors").stat().st_mtime_ns
-    assert convert.convert(smol_path, bits=BITS[SMALL], progress=False) == folder
+    assert convert.convert(smol_path, bits=MODE, progress=False) == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == mtime  # converted once
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["rope_traditional"] is True
@@ -116,8 +116,72 @@ def test_conversion_names():
     assert convert.mlx_name("output.weight", "qwen2") == "lm_head.weight"
     with pytest.raises(convert.ConvertError):
         convert.mlx_name("blk.0.mystery.weight", "llama")
+    assert [convert.mode(b) for b in (4, "8", None, "none", "gguf")] == ["q4", "q8", "f16", "f16", "gguf"]
     with pytest.raises(convert.ConvertError):
-        convert.bits_tag(3)
+        convert.mode(3)
+
+
+def _random_blocks(qtype, rows=8, cols=512, seed=0):
+    """Random bytes are valid blocks of every GGUF quant type; only the float16 scales need sane values."""
+    from gguf.quants import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.05, size=(len(raw), 2)).astype(np.float16).view(np.uint8)
+    if qtype.name == "Q6_K":
+        raw[:, -2:] = scales[:, :2]  # d is at the end
+    else:
+        raw[:, :4] = scales  # d (and m / dmin) first
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("name,bits", [("Q4_0", 4), ("Q4_1", 4), ("Q5_0", 5), ("Q5_1", 5), ("Q8_0", 8),
+                                       ("Q4_K", 4), ("Q5_K", 5), ("Q6_K", None)])
+def test_transcription_of_block_types(name, bits):
+    """Affine block types become MLX codes of the same width, equal up to float16 scales and biases."""
+    import gguf
+    from gguf.quants import dequantize
+
+    qtype = gguf.GGMLQuantizationType[name]
+    data = _random_blocks(qtype)
+    w = dequantize(data, qtype)
+    res = convert.transcribe(types.SimpleNamespace(data=data, tensor_type=qtype), w)
+    if bits is None:  # Q6_K: 16-weight sub-blocks with their own scales
+        assert res is None
+        return
+    packed, scales, biases, got = res
+    assert got == bits and packed.dtype == np.uint32 and packed.shape == (w.shape[0], w.shape[1] * bits // 32)
+    back = mx.dequantize(mx.array(packed), mx.array(scales), mx.array(biases), group_size=32, bits=bits)
+    err = np.abs(np.array(back.astype(mx.float32)) - w).max() / np.abs(w).max()
+    assert err < 2e-3, err
+
+
+def test_transcription_of_real_tensors():
+    """The qwen GGUF mixes Q4_K, Q5_0, Q8_0 and Q6_K (the last is re-quantized, not transcribed)."""
+    import gguf
+    from gguf.quants import dequantize
+
+    from edgespec import registry
+
+    types_ = {"Q4_K", "Q5_0", "Q8_0", "Q6_K"}
+    reader = gguf.GGUFReader(registry.resolve(QWEN))
+    seen = {}
+    for t in sorted(reader.tensors, key=lambda t: int(t.n_elements)):  # the smallest tensor of each type
+        if t.tensor_type.name in types_ and t.tensor_type.name not in seen and len(t.shape) == 2:
+            seen[t.tensor_type.name] = t
+    assert set(seen) == types_
+    for name, t in seen.items():
+        w = dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])
+        res = convert.transcribe(t, w)
+        if name == "Q6_K":  # 16-weight sub-blocks with their own scales
+            assert res is None
+            continue
+        packed, scales, biases, bits = res
+        assert bits == {"Q4_K": 4, "Q5_0": 5, "Q8_0": 8}[name]
+        back = mx.dequantize(mx.array(packed), mx.array(scales), mx.array(biases), group_size=32, bits=bits)
+        err = np.abs(np.array(back.astype(mx.float32)) - w).max() / np.abs(w).max()
+        assert err < 2e-3, (name, err)
 
 
 # ---- tokens and metadata ------------------------------------------------------------------------
@@ -136,15 +200,9 @@ def test_tokens_and_info_match_llama_cpp(pair):
 
 
 # ---- parity -------------------------------------------------------------------------------------
-def test_teacher_forced_parity_with_llama_cpp(pair):
-    """Top-1 agreement >= 97% and close log-probs of the reference tokens, over one teacher-forced batch.
-
-    llama.cpp quantizes activations to 8 bits in its matmuls; its own batched and one-token decodes
-    agree on only ~96.5% of top-1 tokens on smollm2 (mean |d logprob| 0.054). So a disagreement counts
-    against the 97% only where llama.cpp's top-2 margin is at least NEAR_TIE; the raw figure is reported.
-    """
-    name, ref, mb = pair
-    toks = ref.tokenize(PARITY_TEXT)[:PARITY_TOKENS[name] + 1]
+def teacher_forced(ref, mb, toks):
+    """Both backends on ``toks`` (one prefill token, then one batch): per position, whether the top-1
+    tokens agree, whether llama.cpp's top-2 margin is a near-tie, and |d log-prob| of the next token."""
     ref.truncate(0)
     mb.truncate(0)
     ref.prefill(toks[:1])
@@ -157,7 +215,20 @@ def test_teacher_forced_parity_with_llama_cpp(pair):
     top2 = np.sort(a, axis=1)[:, -2:]
     near_tie = (top2[:, 1] - top2[:, 0]) < NEAR_TIE
     dlp = np.abs(log_softmax(a)[np.arange(n), target] - log_softmax(b)[np.arange(n), target])
-    print(f"{name}: {n} tokens, top-1 agreement {same.mean():.4f} raw, {(same | near_tie).mean():.4f} "
+    return same, near_tie, dlp
+
+
+def test_teacher_forced_parity_with_llama_cpp(pair):
+    """Top-1 agreement >= 97% and close log-probs of the reference tokens, over one teacher-forced batch.
+
+    llama.cpp quantizes activations to 8 bits in its matmuls; its own batched and one-token decodes
+    agree on only 94-96.5% of top-1 tokens on smollm2 (mean |d logprob| 0.05-0.07; qwen 0.5B: 98-99%,
+    0.03-0.04). So a disagreement counts against the 97% only where llama.cpp's top-2 margin is at
+    least NEAR_TIE; the raw figure is printed, and must stay >= 93%.
+    """
+    name, ref, mb = pair
+    same, near_tie, dlp = teacher_forced(ref, mb, ref.tokenize(PARITY_TEXT)[:PARITY_TOKENS[name] + 1])
+    print(f"{name}: {len(same)} tokens, top-1 agreement {same.mean():.4f} raw, {(same | near_tie).mean():.4f} "
           f"excusing near-ties ({int((~same & near_tie).sum())}), mean |d logprob| {dlp.mean():.4f}, "
           f"max {dlp.max():.3f}")
     assert (same | near_tie).mean() >= 0.97
@@ -245,11 +316,13 @@ def test_uncommitted_tree_is_dropped(smol_mlx):
 
 def test_prefill_in_chunks_and_errors(smol_path, smol_mlx):
     b = smol_mlx
-    toks = b.tokenize(PARITY_TEXT)[:40]
+    toks = b.tokenize(PARITY_TEXT)[:40]  # 40 tokens: 3 chunks of 16
     b.truncate(0)
     whole = b.prefill(toks)
-    small = MlxBackend(smol_path, n_ctx=48, bits=BITS[SMALL], n_batch=16, progress=False)
+    before = mx.get_memory_limit()
+    small = MlxBackend(smol_path, n_ctx=48, bits=MODE, n_batch=16, memory_limit=3 << 30, progress=False)
     try:
+        assert mx.get_memory_limit() == 3 << 30 == small.memory().extra["memory_limit"]
         parts = small.prefill(toks)
         assert small.cached == toks
         _close(parts.logits, whole.logits, 2e-3)
@@ -264,6 +337,7 @@ def test_prefill_in_chunks_and_errors(smol_path, smol_mlx):
             small.commit([0, 2, 1])
     finally:
         small.close()
+    assert mx.get_memory_limit() == before
 
 
 def test_memory_figures(smol_mlx):
@@ -276,7 +350,7 @@ def test_memory_figures(smol_mlx):
     assert m.n_cached == len(b.cached) and m.n_ctx == b.n_ctx
     assert m.weights_bytes > 100e6
     assert m.extra["active_bytes"] >= m.weights_bytes
-    assert m.extra["peak_bytes"] >= m.extra["active_bytes"] or m.extra["peak_bytes"] > 0
+    assert m.extra["peak_bytes"] >= m.extra["active_bytes"]
     assert m.extra["kv_allocated_bytes"] >= m.kv_used_bytes
 
 
@@ -295,7 +369,7 @@ def test_greedy_speculative_equals_plain(smol_mlx):
         b.truncate(0)
         out, stats = [], Stats()
         kw = {"steps": steps} if steps else {}
-        text = "".join(stream(b, prompt, GenerationConfig(max_tokens=24), stats, out_tokens=out, **kw))
+        text = "".join(stream(b, prompt, GenerationConfig(max_tokens=16), stats, out_tokens=out, **kw))
         return out, text, stats
 
     plain, plain_text, _ = run()
@@ -309,3 +383,43 @@ def test_greedy_speculative_equals_plain(smol_mlx):
         assert top[1] - top[0] < NEAR_TIE, f"divergence at {i} is not a near-tie"
     else:
         assert spec_text == plain_text
+
+
+# ---- other weight modes and architectures -------------------------------------------------------
+def _short_parity(ref, mb, n=32):
+    same, near_tie, dlp = teacher_forced(ref, mb, ref.tokenize(PARITY_TEXT)[:n])
+    return (same | near_tie).mean(), dlp.mean()
+
+
+def test_requantized_8bit_mode(smol_path):
+    ref = make_backend(smol_path, n_ctx=256)
+    mb = MlxBackend(smol_path, n_ctx=256, bits=8, progress=False)
+    try:
+        assert mb.mlx_path.name.endswith("-q8")
+        assert mb.config["quantization"] == {"group_size": 64, "bits": 8}
+        agree, dlp = _short_parity(ref, mb)
+        assert agree >= 0.9 and dlp < 0.15
+    finally:
+        mb.close()
+        ref.close()
+
+
+def test_gemma3_sentencepiece_model():
+    """gemma3 (SentencePiece vocab, sliding-window layers, 1 + w norms), when its GGUF is already local."""
+    from edgespec import registry
+
+    try:
+        path = registry.resolve("gemma-3-270m", download=False)
+    except registry.ModelError:
+        pytest.skip("gemma-3-270m is not downloaded")
+    ref = make_backend(path, n_ctx=256)
+    mb = MlxBackend(path, n_ctx=256, bits=MODE, progress=False)
+    try:
+        for text in TEXTS:
+            assert mb.tokenize(text) == ref.tokenize(text)
+        assert mb.config["sliding_window_pattern"] == 6
+        agree, dlp = _short_parity(ref, mb)
+        assert agree >= 0.9 and dlp < 0.2
+    finally:
+        mb.close()
+        ref.close()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from edgespec.models.draft_model import DraftModelDrafter
-from edgespec.models.drafter import DraftContext, DraftTree, TreeShape, pack_beams
+from edgespec.models.drafter import DraftContext, DraftTree, TreeShape, VerifyResult, pack_beams
 from edgespec.models.ngram import NgramDrafter
 
 from edgespec.controller import Controller, ControllerConfig
@@ -218,13 +218,13 @@ def test_broken_acceptance_rule_fails_the_check(tree_kind):
     assert 0.5 * np.abs(freq - p).sum() > 0.1
 
 
-def test_sampled_second_token_follows_target(qwen_b):
+def test_sampled_tokens_follow_target(smol):
     """End to end on a real model: the first two sampled tokens have the same distribution with and
     without speculation (TV bound over 300 seeds each)."""
     from collections import Counter
 
-    prompt = qwen_b.tokenize("My favourite animal is the")
-    plain, _, _ = run(qwen_b, prompt, max_tokens=3)
+    prompt = smol.tokenize("My favourite animal is the")
+    plain, _, _ = run(smol, prompt, max_tokens=3)
     n = 300
     counts = {}
     for name in ("plain", "spec"):
@@ -232,7 +232,7 @@ def test_sampled_second_token_follows_target(qwen_b):
         for seed in range(n):
             cfg = dict(max_tokens=2, sampling=SamplingParams(temperature=1.0, top_k=8, seed=seed))
             drafter = None if name == "plain" else OracleDrafter(prompt, plain)
-            out, _, _ = run(qwen_b, prompt, drafter, depth=2, **cfg)
+            out, _, _ = run(smol, prompt, drafter, depth=2, **cfg)
             c[tuple(out)] += 1
         counts[name] = c
     keys = set(counts["plain"]) | set(counts["spec"])
@@ -272,3 +272,18 @@ def test_controller_stops_drafting_when_it_does_not_pay():
     assert ctl.best_depth() == 0
     ctl.accept = [0.95] * 4
     assert ctl.best_depth() >= 2
+
+
+def test_ngram_gates_nodes_by_cost_and_learns():
+    d = NgramDrafter()
+    hist = [5, 6, 7, 8, 9, 1, 2, 3, 4, 5, 6, 7]
+    ctx = DraftContext(hist[:-1], hist[-1], None, None)
+    cheap = TreeShape(depth=3, node_cost=(0.1,) * 16)
+    dear = TreeShape(depth=3, node_cost=(0.95,) * 16)
+    assert d.propose(ctx, cheap).tokens == [8, 9, 1]
+    assert len(d.propose(ctx, dear)) == 0  # no match is that sure
+    for _ in range(30):  # the target keeps accepting 3-gram matches: their estimate rises
+        tree = d.propose(ctx, cheap)
+        d.observe(VerifyResult(tree, [0, 1, 2], 4))
+    assert d.acc_first[3] > 0.95
+    assert len(d.propose(ctx, dear)) >= 1

@@ -1,0 +1,63 @@
+"""Footprint model against real peak RSS, and the planner's choices and refusals."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgespec.memory.footprint import read_shape, run_footprint
+from edgespec.memory.planner import BudgetError, parse_size, plan
+
+MEASURE = """
+import json, resource, sys
+from edgespec.backends.llama_cpp import LlamaCppBackend
+from edgespec.runtime import Runtime
+path, n_ctx, n_batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rt = Runtime(LlamaCppBackend(path, n_ctx=n_ctx, n_threads=2, n_batch=n_batch), "m")
+rt.generate("def quicksort(arr):\\n" * 30, max_tokens=24)
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+"""
+
+
+@pytest.mark.parametrize("which,n_ctx,n_batch", [("smol", 2048, 512), ("qwen", 4096, 128)])
+def test_footprint_within_15_percent_of_peak_rss(which, n_ctx, n_batch, smol_path, qwen_path):
+    path = smol_path if which == "smol" else qwen_path
+    r = subprocess.run([sys.executable, "-c", MEASURE, str(path), str(n_ctx), str(n_batch)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    peak = json.loads(r.stdout.strip().splitlines()[-1])
+    predicted = run_footprint(read_shape(path), n_ctx, "f16", n_batch, 1).total
+    assert abs(predicted - peak) / peak < 0.15, (predicted / 2**20, peak / 2**20)
+
+
+def test_shape_read_from_header(qwen_path):
+    s = read_shape(qwen_path)
+    assert (s.arch, s.n_layer, s.n_embd, s.n_head_kv, s.n_vocab) == ("qwen2", 24, 896, 2, 151936)
+    assert s.kv_bytes_per_token("f16") == 24 * 2 * (64 + 64) * 2
+    assert s.kv_bytes_per_token("q4_0") < s.kv_bytes_per_token("q8_0") < s.kv_bytes_per_token("f16")
+
+
+def test_planner_degrades_then_refuses(qwen_path):
+    shape = read_shape(qwen_path)
+    roomy = plan(shape, parse_size("2GB"))
+    assert roomy.draft == "ngram" and roomy.n_ctx == 4096 and roomy.kv_type == "f16"
+    assert roomy.footprint.total <= parse_size("2GB")
+    tight = plan(shape, roomy.plain_min + (roomy.spec_min - roomy.plain_min) // 2 + 1)
+    assert tight.n_ctx < 4096 or tight.kv_type != "f16"
+    assert tight.footprint.total <= tight.budget
+    with pytest.raises(BudgetError, match="at least"):
+        plan(shape, roomy.plain_min - 1)
+    mid = plan(shape, (roomy.budget + roomy.spec_min) // 2)
+    assert mid.footprint.total <= mid.budget and mid.draft == "ngram"
+
+
+@pytest.mark.parametrize("text,value", [("1.5GB", 1.5 * 2**30), ("800MB", 800 * 2**20), ("2GiB", 2 * 2**30),
+                                        ("1024", 1024)])
+def test_parse_size(text, value):
+    assert parse_size(text) == int(value)
+
+
+def test_parse_size_rejects_junk():
+    with pytest.raises(ValueError):
+        parse_size("lots")
