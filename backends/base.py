@@ -39,10 +39,6 @@ class ModelInfo:
     bos_text: str = ""
     eos_text: str = ""
 
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
 
 @dataclass
 class ForwardOut:

@@ -43,7 +43,7 @@ def _log_callback(level, text, user_data):  # keep llama.cpp quiet, but remember
 _initialized = False
 
 
-def _init_once() -> None:
+def init_once() -> None:
     global _initialized
     if not _initialized:
         lc.llama_log_set(_log_callback, ctypes.c_void_p(0))
@@ -63,7 +63,7 @@ class LlamaCppBackend:
     def __init__(self, path: str | Path, n_ctx: int = 4096, n_threads: int | None = None,
                  kv_type: str = "f16", n_batch: int = 512, n_seq_max: int = 8, flash_attn: bool = True,
                  mmap: bool | None = None):
-        _init_once()
+        init_once()
         if kv_type not in KV_TYPES:
             raise BackendError(f"kv_type must be one of {list(KV_TYPES)}, not {kv_type!r}")
         if n_ctx < 16:

@@ -33,7 +33,7 @@ from edgespec.backends.base import (
     check_path,
     tree_depths,
 )
-from edgespec.backends.llama_cpp import LoadError, _init_once
+from edgespec.backends.llama_cpp import LoadError, init_once
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 
@@ -44,7 +44,7 @@ class GgufVocab:
     """llama.cpp's tokenizer and metadata from a vocab-only load (no weights are read)."""
 
     def __init__(self, path: str | Path):
-        _init_once()
+        init_once()
         self.path = str(path)
         mparams = lc.llama_model_default_params()
         mparams.vocab_only = True

@@ -92,6 +92,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(a: argparse.Namespace) -> int:
+    from edgespec.backends.convert import convert
+
+    bits = a.bits if a.bits in ("gguf", "none") else int(a.bits)
+    print(convert(registry.resolve(a.model), bits=bits, force=a.force))
+    return 0
+
+
 def cmd_plan(a: argparse.Namespace) -> int:
     from edgespec.memory.planner import parse_size, plan
 
@@ -208,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llama-bench", default=None, help="path to llama.cpp's llama-bench for the C++ baseline")
     p.add_argument("--out", default="bench_out/latest")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("convert", help="convert a GGUF model to MLX weights (done automatically on first MLX use)")
+    p.add_argument("--model", "-m", default=registry.DEFAULT_MODEL)
+    p.add_argument("--bits", default="gguf", choices=["gguf", "4", "8", "none"],
+                   help="gguf: keep llama.cpp's own quantized codes (default); 4/8: MLX re-quantization; none: f16")
+    p.add_argument("--force", action="store_true", help="convert again even if a cached conversion exists")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("plan", help="plan context, KV type and drafting for a memory budget")
     p.add_argument("--model", "-m", default=registry.DEFAULT_MODEL)

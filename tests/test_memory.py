@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from edgespec.memory.footprint import read_shape, run_footprint
 from edgespec.memory.planner import BudgetError, parse_size, plan
 
