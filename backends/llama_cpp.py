@@ -55,6 +55,34 @@ class LoadError(BackendError):
     pass
 
 
+def meta_str(model, key: str) -> str | None:
+    """A GGUF metadata value as text, or None."""
+    buf = ctypes.create_string_buffer(1 << 16)
+    n = lc.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+
+def tokenize(vocab, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+    data = text.encode("utf-8")
+    n_max = len(data) + 8
+    buf = (lc.llama_token * n_max)()
+    n = lc.llama_tokenize(vocab, data, len(data), buf, n_max, add_special, parse_special)
+    if n < 0:
+        n_max = -n
+        buf = (lc.llama_token * n_max)()
+        n = lc.llama_tokenize(vocab, data, len(data), buf, n_max, add_special, parse_special)
+    return list(buf[:n])
+
+
+def token_piece(vocab, token: int, special: bool = False) -> bytes:
+    buf = ctypes.create_string_buffer(256)
+    n = lc.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = lc.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    return buf.raw[:n]
+
+
 class LlamaCppBackend:
     """A GGUF model and its KV cache in llama.cpp."""
 
@@ -117,9 +145,7 @@ class LlamaCppBackend:
 
     # ---- metadata -------------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(1 << 16)
-        n = lc.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+        return meta_str(self._model, key)
 
     def _read_info(self) -> ModelInfo:
         n_vocab = lc.llama_vocab_n_tokens(self._vocab)
@@ -160,23 +186,10 @@ class LlamaCppBackend:
 
     # ---- text -----------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
-        n_max = len(data) + 8
-        buf = (lc.llama_token * n_max)()
-        n = lc.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
-        if n < 0:
-            n_max = -n
-            buf = (lc.llama_token * n_max)()
-            n = lc.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
-        return list(buf[:n])
+        return tokenize(self._vocab, text, add_special, parse_special)
 
     def _piece(self, token: int, special: bool = False) -> bytes:
-        buf = ctypes.create_string_buffer(256)
-        n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:n]
+        return token_piece(self._vocab, token, special)
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes a token contributes to the text (control tokens contribute none)."""

@@ -15,7 +15,6 @@ On Apple Silicon that is Metal; with ``mlx[cpu]`` (Linux) it is the CPU. No devi
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from edgespec.backends.base import (
     check_path,
     tree_depths,
 )
-from edgespec.backends.llama_cpp import LoadError, init_once
+from edgespec.backends.llama_cpp import LoadError, init_once, meta_str, token_piece, tokenize
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 
@@ -54,9 +53,7 @@ class GgufVocab:
         self._vocab = lc.llama_model_get_vocab(self._model)
 
     def meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(1 << 16)
-        n = lc.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+        return meta_str(self._model, key)
 
     def info(self, cfg: dict) -> ModelInfo:
         """Vocabulary facts from llama.cpp; shapes from the mlx-lm config (a vocab-only load has none)."""
@@ -82,23 +79,10 @@ class GgufVocab:
         )
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
-        n_max = len(data) + 8
-        buf = (lc.llama_token * n_max)()
-        n = lc.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
-        if n < 0:
-            n_max = -n
-            buf = (lc.llama_token * n_max)()
-            n = lc.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
-        return list(buf[:n])
+        return tokenize(self._vocab, text, add_special, parse_special)
 
     def piece(self, token: int, special: bool = False) -> bytes:
-        buf = ctypes.create_string_buffer(256)
-        n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:n]
+        return token_piece(self._vocab, token, special)
 
     def close(self) -> None:
         if getattr(self, "_model", None):

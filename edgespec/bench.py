@@ -111,18 +111,13 @@ def load_prompts(kind: str, n: int, backend: Backend) -> list[list[int]]:
     return out
 
 
-def rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """Peak RSS of this process (VmHWM; ru_maxrss would include a parent's peak inherited at exec)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return 0.0
-
-
-def peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @dataclass

@@ -8,14 +8,17 @@ import pytest
 from edgespec.memory.footprint import read_shape, run_footprint
 from edgespec.memory.planner import BudgetError, parse_size, plan
 
+# Peak RSS from VmHWM: ru_maxrss is inherited across fork+exec on Linux, so a child of a big pytest
+# process would report the parent's peak.
 MEASURE = """
-import json, resource, sys
+import json, sys
 from edgespec.backends.llama_cpp import LlamaCppBackend
 from edgespec.runtime import Runtime
 path, n_ctx, n_batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rt = Runtime(LlamaCppBackend(path, n_ctx=n_ctx, n_threads=2, n_batch=n_batch), "m")
 rt.generate("def quicksort(arr):\\n" * 30, max_tokens=24)
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+hwm = [int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM")]
+print(json.dumps(hwm[0]))
 """
 
 
