@@ -72,13 +72,6 @@ def top2_margin(backend, prompt, out, i):
 
 
 @pytest.fixture(scope="module")
-def qwen_b(qwen_path):
-    b = make_backend(qwen_path)
-    yield b
-    b.close()
-
-
-@pytest.fixture(scope="module")
 def qwen_draft(qwen_path):
     b = make_backend(qwen_path)
     yield b
@@ -86,78 +79,78 @@ def qwen_draft(qwen_path):
 
 
 @pytest.mark.parametrize("depth,width", [(1, 1), (2, 1), (1, 2)])
-def test_greedy_exact_small_trees(qwen_b, depth, width):
+def test_greedy_exact_small_trees(qwen, depth, width):
     """Trees of at most 3 nodes verify with the same kernels as single-token decode: bit-exact output."""
     for text in PROMPTS:
-        prompt = qwen_b.tokenize(text)
-        plain, _, _ = run(qwen_b, prompt, max_tokens=48)
-        spec, _, st = run(qwen_b, prompt, OracleDrafter(prompt, plain, spoil_every=3), depth, width, max_tokens=48)
+        prompt = qwen.tokenize(text)
+        plain, _, _ = run(qwen, prompt, max_tokens=48)
+        spec, _, st = run(qwen, prompt, OracleDrafter(prompt, plain, spoil_every=3), depth, width, max_tokens=48)
         assert spec == plain
         assert st.accepted > 0 and st.verifies < len(plain)
 
 
 @pytest.mark.parametrize("depth,width", [(4, 1), (3, 2), (2, 3)])
-def test_greedy_deep_trees_equal_up_to_near_ties(qwen_b, depth, width):
+def test_greedy_deep_trees_equal_up_to_near_ties(qwen, depth, width):
     """Larger verify batches use other matmul kernels (logits move by up to ~0.5), so a divergence is
     allowed only where plain decoding's top-2 margin is below 0.75; none is expected here."""
     allowed = 0
     for text in PROMPTS:
-        prompt = qwen_b.tokenize(text)
-        plain, _, _ = run(qwen_b, prompt, max_tokens=48)
-        spec, _, st = run(qwen_b, prompt, OracleDrafter(prompt, plain, spoil_every=3), depth, width, max_tokens=48)
+        prompt = qwen.tokenize(text)
+        plain, _, _ = run(qwen, prompt, max_tokens=48)
+        spec, _, st = run(qwen, prompt, OracleDrafter(prompt, plain, spoil_every=3), depth, width, max_tokens=48)
         assert st.accepted > st.verifies  # the deep drafts were actually used
         if spec != plain:
             i = next(k for k, (a, b) in enumerate(zip(spec, plain, strict=False)) if a != b)
-            assert top2_margin(qwen_b, prompt, plain, i) < 0.75, f"divergence at {i} is not a near-tie"
+            assert top2_margin(qwen, prompt, plain, i) < 0.75, f"divergence at {i} is not a near-tie"
             allowed += 1
     assert allowed <= 1
 
 
-def test_greedy_ngram_and_draft_model(qwen_b, qwen_draft):
+def test_greedy_ngram_and_draft_model(qwen, qwen_draft):
     for text in PROMPTS:
-        prompt = qwen_b.tokenize(text)
-        plain, plain_text, _ = run(qwen_b, prompt, max_tokens=40)
-        ng, ng_text, st = run(qwen_b, prompt, NgramDrafter(), depth=2, width=1, max_tokens=40)
+        prompt = qwen.tokenize(text)
+        plain, plain_text, _ = run(qwen, prompt, max_tokens=40)
+        ng, ng_text, st = run(qwen, prompt, NgramDrafter(), depth=2, width=1, max_tokens=40)
         assert ng == plain and ng_text == plain_text
-        dm = DraftModelDrafter(qwen_draft, target_vocab=qwen_b.info.n_vocab)
-        spec, _, st = run(qwen_b, prompt, dm, depth=2, max_tokens=40)
+        dm = DraftModelDrafter(qwen_draft, target_vocab=qwen.info.n_vocab)
+        spec, _, st = run(qwen, prompt, dm, depth=2, max_tokens=40)
         assert spec == plain
         assert st.accepted >= 0.8 * st.drafted  # the same model drafting itself is nearly always right
         # the draft cache followed every rollback: it holds a prefix of the target's tokens
         assert qwen_draft.cached == (prompt + spec)[:len(qwen_draft.cached)]
 
 
-def test_stop_eos_and_max_tokens_match_plain(qwen_b):
-    prompt = qwen_b.tokenize(PROMPTS[2])
-    plain, plain_text, _ = run(qwen_b, prompt, max_tokens=40)
+def test_stop_eos_and_max_tokens_match_plain(qwen):
+    prompt = qwen.tokenize(PROMPTS[2])
+    plain, plain_text, _ = run(qwen, prompt, max_tokens=40)
     stop = plain_text[12:15]
     for kw in (dict(max_tokens=5), dict(max_tokens=7), dict(max_tokens=40, stop=(stop,))):
-        p, pt, ps = run(qwen_b, prompt, **kw)
-        s, st_text, ss = run(qwen_b, prompt, OracleDrafter(prompt, plain), depth=2, **kw)
+        p, pt, ps = run(qwen, prompt, **kw)
+        s, st_text, ss = run(qwen, prompt, OracleDrafter(prompt, plain), depth=2, **kw)
         assert (s, st_text, ss.finish_reason) == (p, pt, ps.finish_reason), kw
-        assert len(qwen_b.cached) <= len(prompt) + len(s)  # nothing past the output stays cached
+        assert len(qwen.cached) <= len(prompt) + len(s)  # nothing past the output stays cached
     # EOS inside an accepted draft: a chat turn that ends with the end-of-turn token
-    chat = qwen_b.tokenize("<|im_start|>user\nSay OK.<|im_end|>\n<|im_start|>assistant\n")
-    plain, _, ps = run(qwen_b, chat, max_tokens=30)
+    chat = qwen.tokenize("<|im_start|>user\nSay OK.<|im_end|>\n<|im_start|>assistant\n")
+    plain, _, ps = run(qwen, chat, max_tokens=30)
     assert ps.finish_reason == "eos"
-    eos = next(t for t in qwen_b.info.eog if t in qwen_b.tokenize("<|im_end|>"))
-    s, _, ss = run(qwen_b, chat, OracleDrafter(chat, plain + [eos, 11, 12]), depth=2, max_tokens=30)
+    eos = next(t for t in qwen.info.eog if t in qwen.tokenize("<|im_end|>"))
+    s, _, ss = run(qwen, chat, OracleDrafter(chat, plain + [eos, 11, 12]), depth=2, max_tokens=30)
     assert s == plain and ss.finish_reason == "eos"
 
 
-def test_rollback_keeps_cache_consistent(qwen_b, qwen_path):
+def test_rollback_keeps_cache_consistent(qwen, qwen_path):
     """After speculation with rejected siblings, the cache is exactly what plain decoding leaves.
 
     Trees of 3 nodes use the single-token kernels, so the comparison is exact.
     """
-    prompt = qwen_b.tokenize(PROMPTS[0])
-    plain, _, _ = run(qwen_b, prompt, max_tokens=24)
-    plain_next = qwen_b.forward([plain[-1]], [-1]).logits[0]
-    spec, _, st = run(qwen_b, prompt, OracleDrafter(prompt, plain), depth=1, width=2, max_tokens=24)
+    prompt = qwen.tokenize(PROMPTS[0])
+    plain, _, _ = run(qwen, prompt, max_tokens=24)
+    plain_next = qwen.forward([plain[-1]], [-1]).logits[0]
+    spec, _, st = run(qwen, prompt, OracleDrafter(prompt, plain), depth=1, width=2, max_tokens=24)
     assert spec == plain and st.drafted > st.accepted > 0  # decoys were rejected and rolled back
-    assert qwen_b.cached == (prompt + spec)[:len(qwen_b.cached)] and len(qwen_b.cached) >= len(prompt) + len(spec) - 1
-    qwen_b.truncate(len(prompt) + len(spec) - 1)
-    spec_next = qwen_b.forward([spec[-1]], [-1]).logits[0]
+    assert qwen.cached == (prompt + spec)[:len(qwen.cached)] and len(qwen.cached) >= len(prompt) + len(spec) - 1
+    qwen.truncate(len(prompt) + len(spec) - 1)
+    spec_next = qwen.forward([spec[-1]], [-1]).logits[0]
     np.testing.assert_allclose(spec_next, plain_next, atol=1e-5)
 
 
