@@ -30,7 +30,7 @@ from tqdm import tqdm
 from edgespec import registry
 from edgespec.backends.base import Backend
 from edgespec.backends.chat_template import render
-from edgespec.controller import Controller, ControllerConfig, calibrate
+from edgespec.controller import calibrate, controller_for
 from edgespec.generate import GenerationConfig, Stats, plain_steps, stream
 from edgespec.speculative import speculative_steps
 
@@ -70,23 +70,23 @@ class Method:
     kind: str  # plain | spec | llama-python | anchor
     drafter: str | None = None
     depth: int | None = None
-    width: int = 1
+    width: int | None = None
     k: int = 0
 
 
 def parse_method(spec: str) -> Method:
     name, shape = (spec.split("@", 1) + [""])[:2]
-    depth, width = None, 1
+    depth, width = None, None
     if shape:
         d, _, w = shape.partition("x")
-        depth, width = int(d), int(w or 1)
+        depth, width = int(d), int(w) if w else None
     if name == "plain":
         return Method(spec, "plain")
     if name == "llama-python":
         return Method(spec, "llama-python")
     if name.startswith("anchor-"):
         return Method(spec, "anchor", k=int(name.split("-", 1)[1]))
-    if name == "ngram" or name.startswith("model:"):
+    if name in ("ngram", "auto", "redrafter") or name.startswith(("model:", "redrafter:")):
         return Method(spec, "spec", drafter=name, depth=depth, width=width)
     raise ValueError(f"unknown bench method {spec!r}")
 
@@ -143,11 +143,8 @@ class Bench:
         self.drafters, self.controllers, self.llamas = {}, {}, {}
         for m in methods:
             if m.kind == "spec":
-                self.drafters[m.name] = make_drafter(m.drafter, self.target, opts)
-                gating = getattr(self.drafters[m.name], "self_gating", False)
-                ctl = Controller(ControllerConfig(width=m.width, fixed_depth=m.depth, self_gating=gating))
-                ctl.verify_s.update(costs)
-                self.controllers[m.name] = ctl
+                self.drafters[m.name] = make_drafter(m.drafter, self.target, opts, model)
+                self.controllers[m.name] = controller_for(self.drafters[m.name], m.width, m.depth, costs)
             elif m.kind in ("anchor", "llama-python"):
                 from llama_cpp import Llama
                 from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
@@ -163,10 +160,12 @@ class Bench:
         b = self.target
         b.truncate(0)
         stats, out = Stats(), []
-        steps = plain_steps
+        steps, hidden = plain_steps, False
         if m.kind == "spec":
             steps = speculative_steps(self.drafters[m.name], self.controllers[m.name])
-        for _ in stream(b, prompt, GenerationConfig(max_tokens=self.max_tokens), stats, steps=steps, out_tokens=out):
+            hidden = getattr(self.drafters[m.name], "needs_hidden", False)
+        for _ in stream(b, prompt, GenerationConfig(max_tokens=self.max_tokens), stats, steps=steps, out_tokens=out,
+                        want_hidden=hidden):
             pass
         return Run(out, stats.tok_s, stats.as_dict())
 
@@ -199,8 +198,7 @@ class Bench:
         for llm in self.llamas.values():
             llm.close()
         for d in self.drafters.values():
-            if hasattr(d, "backend"):
-                d.backend.close()
+            d.close()
         self.target.close()
 
 

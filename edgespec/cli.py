@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from edgespec import __version__, registry
 from edgespec.backends.base import BackendError
@@ -20,10 +21,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens (default 4096)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores, at most 8)")
     p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"])
-    p.add_argument("--draft", default=None,
-                   help="speculative drafter: ngram, or model:<id> for a same-vocabulary draft model (default: none)")
+    p.add_argument("--draft", default="auto",
+                   help="speculative drafter: auto (ReDrafter if one exists for the model, else ngram), ngram, "
+                        "redrafter[:<weights.npz>], model:<id> (same-vocabulary draft model), none (default: auto)")
     p.add_argument("--draft-depth", type=int, default=None, help="fixed draft depth (default: cost-aware controller)")
-    p.add_argument("--draft-width", type=int, default=1, help="candidates per draft node")
+    p.add_argument("--draft-width", type=int, default=None, help="candidates per draft node / beams")
+    p.add_argument("--memory-budget", default=None,
+                   help="run within this much RAM (e.g. 1.5GB): context, KV type, batch and drafter are planned "
+                        "to fit, and the draft tree is capped to the live headroom; refused if too small")
 
 
 def _add_gen_args(p: argparse.ArgumentParser) -> None:
@@ -45,7 +50,7 @@ def _load(a: argparse.Namespace):
     from edgespec.runtime import load
 
     return load(a.model, n_ctx=a.n_ctx, n_threads=a.threads, kv_type=a.kv_type, backend=a.backend,
-                draft=a.draft, draft_depth=a.draft_depth, draft_width=a.draft_width)
+                draft=a.draft, draft_depth=a.draft_depth, draft_width=a.draft_width, memory_budget=a.memory_budget)
 
 
 def _print_stats(stats: Stats) -> None:
@@ -110,6 +115,10 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    if a.memory_budgets:
+        from edgespec.membench import main as membench_main
+
+        return membench_main(a)
     from edgespec.bench import main as bench_main
 
     return bench_main(a)
@@ -126,7 +135,10 @@ def cmd_chat(a: argparse.Namespace) -> int:
     rt = _load(a)
     sess = rt.session(system=a.system)
     info = rt.backend.info
-    print(f"edgespec chat: {info.name} on {rt.backend.name}, context {rt.backend.n_ctx}. {HELP}", file=sys.stderr)
+    print(f"edgespec chat: {info.name} on {rt.backend.name}, context {rt.backend.n_ctx}, drafter "
+          f"{rt.drafter.name if rt.drafter else 'none'}. {HELP}", file=sys.stderr)
+    if rt.plan is not None:
+        print(rt.plan.describe(), file=sys.stderr)
     while True:
         try:
             line = input("> ")
@@ -181,8 +193,26 @@ def _show_session_stats(rt, sess) -> None:
     print(f"generated: {gen} tokens, {gen / dec if dec else 0:.1f} tok/s overall", file=sys.stderr)
     print(f"KV cache: {mem.n_cached}/{mem.n_ctx} tokens, {mem.kv_used_bytes / 2**20:.1f} MiB used of "
           f"{mem.kv_reserved_bytes / 2**20:.1f} MiB; weights {mem.weights_bytes / 2**20:.0f} MiB", file=sys.stderr)
+    live = rt.memory_stats()
+    line = f"memory: RSS {live['rss'] / 2**20:.0f} MiB, peak {live['peak_rss'] / 2**20:.0f} MiB"
+    if "budget" in live:
+        line += (f" of a {live['budget'] / 2**20:.0f} MiB budget (headroom {live['headroom'] / 2**20:.0f} MiB; "
+                 f"trees capped {live['tree_shrinks']}x, drafting skipped {live['draft_stops']}x)")
+    print(line + f"; drafter {live['drafter'] / 2**20:.1f} MiB", file=sys.stderr)
     if sess.last_stats:
         print(f"last reply: {sess.last_stats.line()}", file=sys.stderr)
+
+
+def cmd_train_drafter(a: argparse.Namespace) -> int:
+    from edgespec.models.train_redrafter import TrainConfig, pipeline
+
+    tc = TrainConfig(steps=a.steps, batch=a.batch, n_draft=a.draft_vocab, depth=a.depth)
+    out = Path(a.out) if a.out else registry.cache_dir() / "drafters" / f"redrafter-{a.target}.npz"
+    tr = pipeline(a.target, out, tc, segments=a.segments, self_distill=a.self_distill, threads=a.threads)
+    last = next((r["held_out"] for r in reversed(tr.history) if "held_out" in r), {})
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB), model card {out.with_suffix('.md')}")
+    print(f"held-out greedy chain acceptance per depth: {[round(x, 3) for x in last.get('chain_accept', [])]}")
+    return 0
 
 
 # ---- entry point -------------------------------------------------------------------------------
@@ -210,11 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=20, help="number of prompts (default 20)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--methods", default="plain,llama-python,anchor-2,anchor-10,ngram",
-                   help="comma-separated: plain, llama-python, anchor-K, ngram[@D[xW]], model:<id>[@D]")
+                   help="comma-separated: plain, llama-python, anchor-K, ngram[@D[xW]], redrafter[@D[xW]], auto, "
+                        "model:<id>[@D]")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--llama-bench", default=None, help="path to llama.cpp's llama-bench for the C++ baseline")
     p.add_argument("--out", default="bench_out/latest")
+    p.add_argument("--memory-budgets", default=None,
+                   help="memory-limit benchmark instead: comma-separated budgets (e.g. 1GB,1.5GB,plain+10%%), "
+                        "each run in a fresh process that records its peak RSS")
+    p.add_argument("--draft", default="auto", help="drafter for --memory-budgets runs (default: auto)")
+    p.add_argument("--chat-tokens", type=int, default=64, help="tokens per turn of the 10-turn chat (--memory-budgets)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("convert", help="convert a GGUF model to MLX weights (done automatically on first MLX use)")
@@ -231,6 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-ctx", type=int, default=512, help="smallest acceptable context (default 512)")
     p.add_argument("--draft", default="ngram", help="drafter to plan for, or 'none'")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("train-drafter", help="collect distillation data from a target and train a ReDrafter head")
+    p.add_argument("--target", required=True, help="target model id (or .gguf path)")
+    p.add_argument("--segments", type=int, default=320, help="corpus segments of 256 tokens (default 320)")
+    p.add_argument("--self-distill", type=int, default=48, help="prompts the target answers itself (default 48)")
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--depth", type=int, default=4, help="draft depths trained")
+    p.add_argument("--draft-vocab", type=int, default=16384, help="draft vocabulary size")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="weights file (default: the user's drafter directory)")
+    p.set_defaults(func=cmd_train_drafter)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat")
     _add_model_args(p)

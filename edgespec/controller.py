@@ -42,6 +42,7 @@ class Controller:
     verify_s: dict[int, float] = field(default_factory=dict)  # nodes -> seconds
     draft_s_per_node: float = 0.0
     accept: list[float] = field(default_factory=list)
+    memory: object | None = None  # a memory.live.MemoryGuard: caps the tree to the memory headroom
     _plain_streak: int = 0
 
     def __post_init__(self):
@@ -89,9 +90,13 @@ class Controller:
     def next_shape(self, room: int) -> TreeShape:
         room = max(room, 0)
         max_nodes = min(self.cfg.max_nodes, room)
+        if self.memory is not None:  # shrink the tree to what fits; with no room, do not draft
+            max_nodes = self.memory.node_cap(max_nodes)
+            if max_nodes == 0:
+                return TreeShape(0)
         if self.cfg.self_gating and self.cfg.fixed_depth is None:
             return TreeShape(min(self.cfg.max_depth, room), self.cfg.width, max_nodes, self.node_costs())
-        depth = min(self.best_depth(), room)
+        depth = min(self.best_depth(), room, max_nodes)
         if depth == 0 and self.cfg.fixed_depth is None:
             self._plain_streak += 1
             if self._plain_streak >= self.cfg.probe_every and room >= 1:
@@ -114,6 +119,18 @@ class Controller:
         for d in range(min(depth, len(accepted) + 1, self.cfg.max_depth)):
             hit = 1.0 if d < len(accepted) else 0.0
             self.accept[d] = (1 - a) * self.accept[d] + a * hit
+
+
+def controller_for(drafter, width: int | None = None, fixed_depth: int | None = None,
+                   costs: dict[int, float] | None = None) -> Controller:
+    """A controller set up for ``drafter``: its own default width/depth, self-gating when it predicts its
+    acceptance, and the verify cost model seeded with ``costs`` (from ``calibrate``)."""
+    cfg = ControllerConfig(max_depth=getattr(drafter, "max_depth", 6),
+                           width=width or getattr(drafter, "default_width", 1), fixed_depth=fixed_depth,
+                           self_gating=getattr(drafter, "self_gating", False))
+    ctl = Controller(cfg)
+    ctl.verify_s.update(costs or {})
+    return ctl
 
 
 def calibrate(backend, sizes: tuple[int, ...] = (1, 2, 3, 4, 6, 8), reps: int = 2) -> dict[int, float]:

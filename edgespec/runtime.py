@@ -17,8 +17,11 @@ from typing import TYPE_CHECKING
 from edgespec import registry
 from edgespec.backends.base import Backend
 from edgespec.backends.chat_template import render
-from edgespec.controller import Controller, ControllerConfig, calibrate
+from edgespec.controller import calibrate, controller_for
 from edgespec.generate import Cancel, GenerationConfig, PromptTooLongError, Stats, plain_steps, stream
+from edgespec.memory.footprint import node_bytes, read_shape
+from edgespec.memory.live import MemoryGuard
+from edgespec.memory.planner import SAFETY, drafter_bytes, parse_size
 from edgespec.models.drafter import Drafter
 from edgespec.models.ngram import NgramDrafter
 from edgespec.sampling import SamplingParams
@@ -36,9 +39,11 @@ class LoadOptions:
     n_threads: int | None = None
     kv_type: str = "f16"  # f16 | q8_0 | q4_0
     backend: str = "auto"
-    draft: str | None = None  # None | "ngram" | "model:<id or path>"
+    draft: str | None = None  # None | "auto" | "ngram" | "redrafter[:<path>]" | "model:<id or path>"
     draft_depth: int | None = None  # fixed draft depth instead of the cost-aware controller
-    draft_width: int = 1
+    draft_width: int | None = None  # candidates per node / beams (default: the drafter's own)
+    n_batch: int = 512
+    memory_budget: int | str | None = None  # bytes or "1.5GB": plan context/KV/batch/drafter to fit it
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -98,37 +103,64 @@ def open_backend(path: Path, opts: LoadOptions) -> Backend:
         except ImportError as e:
             raise registry.ModelError(
                 f"the MLX backend needs `pip install 'edgespec[mlx]'` ({e})") from e
-        return MlxBackend(path, n_ctx=opts.n_ctx)
+        limit = int(parse_size(opts.memory_budget) * (1 - SAFETY)) if opts.memory_budget else None
+        return MlxBackend(path, n_ctx=opts.n_ctx, n_batch=opts.n_batch, memory_limit=limit)
     from edgespec.backends.llama_cpp import LlamaCppBackend
 
-    return LlamaCppBackend(path, n_ctx=opts.n_ctx, n_threads=opts.n_threads, kv_type=opts.kv_type)
+    return LlamaCppBackend(path, n_ctx=opts.n_ctx, n_threads=opts.n_threads, kv_type=opts.kv_type,
+                           n_batch=opts.n_batch)
 
 
-def make_drafter(spec: str, target: Backend, opts: LoadOptions) -> Drafter:
-    """Build a drafter from its name: ``ngram`` or ``model:<id or path>`` (same vocabulary)."""
+def redrafter_weights(model: str) -> Path | None:
+    """Weights for a ReDrafter head on ``model``: the user's own (``edgespec train-drafter``) first, then
+    the ones shipped with edgespec."""
+    from edgespec.models import redrafter
+
+    name = redrafter.weights_path(Path(str(model)).stem).name
+    user = registry.cache_dir() / "drafters" / name
+    return user if user.exists() else redrafter.shipped(Path(str(model)).stem)
+
+
+def make_drafter(spec: str, target: Backend, opts: LoadOptions, model: str = "") -> Drafter | None:
+    """Build a drafter from its name: ``auto`` (ReDrafter when weights exist for ``model``, else n-gram),
+    ``ngram``, ``redrafter`` / ``redrafter:<weights.npz>``, or ``model:<id or path>`` (same vocabulary)."""
+    if spec in ("none", ""):
+        return None
+    if spec == "auto":
+        spec = "redrafter" if redrafter_weights(model) else "ngram"
     if spec == "ngram":
         return NgramDrafter()
+    if spec == "redrafter" or spec.startswith("redrafter:"):
+        from edgespec.models.redrafter import ReDrafter
+
+        weights = Path(spec.split(":", 1)[1]) if ":" in spec else redrafter_weights(model)
+        if weights is None:
+            raise registry.ModelError(f"no ReDrafter weights for {model!r}: train one with "
+                                      f"`edgespec train-drafter --target {model}` or use --draft ngram")
+        return ReDrafter(weights, Path(target.path))
     if spec.startswith("model:"):
         from edgespec.models.draft_model import DraftModelDrafter
 
         path = registry.resolve(spec[len("model:"):])
         draft_opts = LoadOptions(n_ctx=opts.n_ctx, n_threads=opts.n_threads, kv_type=opts.kv_type, backend=opts.backend)
         return DraftModelDrafter(open_backend(path, draft_opts), target_vocab=target.info.n_vocab)
-    raise ValueError(f"unknown drafter {spec!r}: use 'ngram' or 'model:<id or path>'")
+    raise ValueError(f"unknown drafter {spec!r}: use auto, ngram, redrafter[:<path>], model:<id or path> or none")
 
 
 class Runtime:
     def __init__(self, backend: Backend, model: str, drafter: Drafter | None = None,
-                 controller: ControllerConfig | None = None):
+                 width: int | None = None, fixed_depth: int | None = None):
         self.backend = backend
         self.model = model
         self.lock = threading.RLock()
         self.last_stats: Stats | None = None
         self.drafter = drafter
-        self.controller = Controller(controller or ControllerConfig())
-        if drafter is not None and self.controller.cfg.fixed_depth is None:
-            self.controller.verify_s.update(calibrate(backend))  # seed the cost model (~1 s)
+        costs = None
+        if drafter is not None and fixed_depth is None:
+            costs = calibrate(backend)  # seed the cost model (~1 s)
             backend.truncate(0)
+        self.controller = controller_for(drafter, width, fixed_depth, costs)
+        self.plan = None  # the memory plan, when loaded with a budget
 
     # ---- prompts --------------------------------------------------------------------------------
     def encode_chat(self, messages: list[dict]) -> list[int]:
@@ -203,11 +235,23 @@ class Runtime:
     def memory(self):
         return self.backend.memory()
 
+    def memory_stats(self) -> dict:
+        """Live memory figures: resident set, peak, budget and headroom, KV use, drafter footprint."""
+        from edgespec.memory.live import peak_rss_bytes, rss_bytes
+
+        m = self.backend.memory()
+        out = {"rss": rss_bytes(), "peak_rss": peak_rss_bytes(), "kv_used": m.kv_used_bytes,
+               "kv_reserved": m.kv_reserved_bytes, "weights": m.weights_bytes, "n_cached": m.n_cached, "n_ctx": m.n_ctx,
+               "drafter": self.drafter.footprint()["now"] if self.drafter is not None else 0}
+        if self.controller.memory is not None:
+            out.update(self.controller.memory.figures())
+        return out
+
     def close(self) -> None:
         with self.lock:
             self.backend.close()
-            if hasattr(self.drafter, "backend"):
-                self.drafter.backend.close()
+            if self.drafter is not None:
+                self.drafter.close()
 
     def __enter__(self):
         return self
@@ -220,13 +264,34 @@ def load(model: str = registry.DEFAULT_MODEL, **options) -> Runtime:
     """Load a model by registry id or ``.gguf`` path (downloading a registry model on first use).
 
     Options: n_ctx, n_threads, kv_type (f16|q8_0|q4_0), backend (auto|llama.cpp|mlx), draft (None,
-    "ngram" or "model:<id>"), draft_depth (fix the depth instead of the cost-aware controller),
+    "auto", "ngram", "redrafter" or "model:<id>"), draft_depth (fix the depth instead of the cost-aware controller),
     draft_width.
     """
     opts = LoadOptions(**options)
     path = registry.resolve(model)
+    budget = None
+    if opts.memory_budget is not None:
+        opts, budget = apply_plan(opts, path, str(model))
     backend = open_backend(path, opts)
-    drafter = make_drafter(opts.draft, backend, opts) if opts.draft else None
-    ctl = ControllerConfig(width=opts.draft_width, fixed_depth=opts.draft_depth,
-                           self_gating=getattr(drafter, "self_gating", False))
-    return Runtime(backend, model, drafter, ctl)
+    drafter = make_drafter(opts.draft, backend, opts, str(model)) if opts.draft else None
+    rt = Runtime(backend, model, drafter, opts.draft_width, opts.draft_depth)
+    if budget is not None:
+        rt.plan = budget
+        rt.controller.memory = MemoryGuard(budget.budget, node_bytes(read_shape(path)))
+    return rt
+
+
+def apply_plan(opts: LoadOptions, path: Path, model: str):
+    """Options rewritten by the memory planner for ``opts.memory_budget`` (raises ``BudgetError``)."""
+    import dataclasses
+
+    from edgespec.memory.planner import plan
+
+    draft = opts.draft
+    if draft == "auto":
+        draft = "redrafter" if redrafter_weights(model) else "ngram"
+    weights = redrafter_weights(model) if draft == "redrafter" else None
+    p = plan(path, parse_size(opts.memory_budget), want_ctx=opts.n_ctx, draft=None if draft == "none" else draft,
+             backend=pick_backend(opts.backend), draft_bytes=drafter_bytes(draft, weights) if draft else 0)
+    opts = dataclasses.replace(opts, n_ctx=p.n_ctx, kv_type=p.kv_type, n_batch=p.n_batch, draft=p.draft)
+    return opts, p

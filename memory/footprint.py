@@ -43,24 +43,16 @@ class ModelShape:
 
 
 def read_shape(path: str | Path) -> ModelShape:
-    """Model dimensions and weight bytes from a GGUF header, read in a short-lived child process.
+    """Model dimensions and weight bytes from a GGUF header, read in a child process (see gguf_file)."""
+    from edgespec.backends.gguf_file import in_child
 
-    ``gguf.GGUFReader`` leaves most of the file resident while it parses (measured: +490 MiB RSS for
-    the 491 MB qwen2.5-coder-0.5b file), which a memory budget cannot afford; the child takes that hit.
-    """
+    return ModelShape(**in_child("edgespec.memory.footprint:_read_shape_dict", str(path)))
+
+
+def _read_shape_dict(path: str) -> dict:
     import dataclasses
-    import json
-    import subprocess
-    import sys
 
-    code = "import dataclasses, json, sys; from edgespec.memory.footprint import _read_shape; " \
-           "print(json.dumps(dataclasses.asdict(_read_shape(sys.argv[1]))))"
-    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise ValueError(f"cannot read the GGUF header of {path}: {r.stderr.strip().splitlines()[-1:]}")
-    fields = json.loads(r.stdout)
-    assert set(fields) == {f.name for f in dataclasses.fields(ModelShape)}
-    return ModelShape(**fields)
+    return dataclasses.asdict(_read_shape(path))
 
 
 def _read_shape(path: str) -> ModelShape:
@@ -120,6 +112,12 @@ def llama_footprint(shape: ModelShape, n_ctx: int, kv_type: str = "f16", n_batch
         f"{p}verify_buffers": (max(tree_nodes, n_seq_max) + 2 * tree_nodes) * logits_row
         + 2 * tree_nodes * shape.n_embd * 4,
     })
+
+
+def node_bytes(shape: ModelShape) -> int:
+    """Bytes one more verify-tree node costs: its logits row in llama.cpp's output buffer, the Python copy
+    and one temporary, and its hidden-state rows."""
+    return 3 * shape.n_vocab * 4 + 2 * shape.n_embd * 4
 
 
 def run_footprint(target: ModelShape, n_ctx: int, kv_type: str = "f16", n_batch: int = 512,

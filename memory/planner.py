@@ -14,13 +14,23 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgespec.memory.footprint import Footprint, ModelShape, read_shape, run_footprint
+from edgespec.memory.footprint import Footprint, MiB, ModelShape, read_shape, run_footprint
 
 SAFETY = 0.05
 KV_ORDER = ("f16", "q8_0", "q4_0")
 BATCHES = (512, 128, 32)
 NGRAM_BYTES = 8 << 20  # the n-gram index of a 4k-token context, generously
-SPEC_TREE_NODES = 4
+SPEC_TREE_NODES = 4  # verify nodes planned for (the live guard caps the tree to what fits at run time)
+
+
+def drafter_bytes(draft: str | None, weights=None) -> int:
+    """Declared memory of a drafter: the n-gram index, or a ReDrafter head (fp32 params + its input
+    table, about 2.6x its fp16 file) plus the output rows its shortlist touches."""
+    if not draft:
+        return 0
+    if draft.startswith("redrafter") and weights is not None:
+        return int(Path(weights).stat().st_size * 2.6) + 8 * MiB
+    return NGRAM_BYTES
 
 
 class BudgetError(ValueError):
@@ -68,14 +78,16 @@ def _fits(fp: Footprint, budget: int) -> bool:
 
 
 def plan(model: str | Path | ModelShape, budget: int, want_ctx: int = 4096, min_ctx: int = 512,
-         draft: str | None = "ngram", backend: str = "llama.cpp") -> Plan:
-    """Choose context, KV type, batch and drafter for ``budget`` bytes, or raise ``BudgetError``."""
+         draft: str | None = "ngram", backend: str = "llama.cpp", draft_bytes: int | None = None) -> Plan:
+    """Choose context, KV type, batch and drafter for ``budget`` bytes, or raise ``BudgetError``.
+    ``draft_bytes``: the drafter's declared memory (default: ``drafter_bytes(draft)``)."""
     shape = model if isinstance(model, ModelShape) else read_shape(model)
     if min_ctx > want_ctx:
         raise ValueError(f"min_ctx ({min_ctx}) is larger than the wanted context ({want_ctx})")
 
     def footprint(ctx: int, kv: str, batch: int, spec: bool) -> Footprint:
-        return run_footprint(shape, ctx, kv, batch, SPEC_TREE_NODES if spec else 1, NGRAM_BYTES if spec else 0)
+        extra = (drafter_bytes(draft) if draft_bytes is None else draft_bytes) if spec else 0
+        return run_footprint(shape, ctx, kv, batch, SPEC_TREE_NODES if spec else 1, extra)
 
     least = lambda spec: int(footprint(min_ctx, KV_ORDER[-1], BATCHES[-1], spec).total / (1 - SAFETY)) + 1
     plain_min, spec_min = least(False), least(True)

@@ -57,3 +57,6 @@ class DraftModelDrafter:
     def footprint(self) -> dict[str, int]:
         m = self.backend.memory()
         return {"now": m.weights_bytes + m.kv_used_bytes, "max": m.weights_bytes + m.kv_reserved_bytes}
+
+    def close(self) -> None:
+        self.backend.close()

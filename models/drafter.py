@@ -90,6 +90,10 @@ class Drafter(Protocol):
         """Bytes this drafter uses: {"now": ..., "max": ...}."""
         ...
 
+    def close(self) -> None:
+        """Free what the drafter holds (a draft model's backend, ...)."""
+        ...
+
 
 def pack_beams(beams: list[list[int]], scores: list[float] | None = None) -> tuple[DraftTree, list[int]]:
     """Pack token sequences into a prefix-deduplicated tree. Returns the tree and each beam's leaf node.

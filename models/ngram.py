@@ -132,3 +132,6 @@ class NgramDrafter:
         entries = sum(len(v) for v in self.index.values())
         now = 8 * len(self.history) + 96 * len(self.index) + 8 * entries
         return {"now": now, "max": now}
+
+    def close(self) -> None:
+        pass

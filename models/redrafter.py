@@ -1,0 +1,255 @@
+"""ReDrafter: an RNN draft head on the target's last hidden state, with beam search into a token tree.
+
+One step of the head (paper 2403.09919, notes §5), for draft state ``s`` and target hidden ``h``:
+
+    s' = SiLU(E[token] W_e + s U + b_s)           E: the target's own input embeddings (from its GGUF)
+    x  = h W_h + s' W_s + b_x                     = concat(h, s') @ [W_h; W_s]
+    x  = x + SiLU(x W_k + b_k)                    k = 1..n_blocks residual blocks
+    logits = x O_v^T + bias                       the target's own output rows O_v, draft vocabulary only
+
+The draft vocabulary is the most frequent target tokens (``vocab`` maps draft ids back to target
+ids). The head is shared with the target (its GGUF ``output.weight`` rows, never shipped); only the
+bias is learned. At inference a rank-r SVD of O_v (shipped, ``head_a``/``head_b``) shortlists the
+top-m tokens and the exact rows rescore them, so a step costs r*(d + V_d) + m*d multiply-adds instead
+of d*V_d. ``step`` is written with ``@``, ``+`` and ``xp.exp`` only, so the same function runs in numpy (the fast
+path on a CPU: MLX's Linux CPU build has no fast BLAS, notes §2), MLX (Metal) and torch (training).
+
+Drafting: beam search of width w and length L, the first input being the target's own next token (the
+root). Beams are packed into a prefix-deduplicated tree, and nodes are kept best-first while the
+calibrated probability of their whole path pays for their verify cost (``TreeShape.worth``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from edgespec.models.drafter import DraftContext, DraftTree, TreeShape, VerifyResult, pack_beams
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ReDrafterConfig:
+    target: str  # model id the head was trained for
+    n_embd: int  # the target's hidden size
+    n_vocab: int  # the target's vocabulary size
+    d_rnn: int = 256
+    n_blocks: int = 2
+    rank: int = 256  # of the shortlist head
+    shortlist: int = 64  # tokens rescored with the exact output rows
+    h_scale: float = 1.0  # fixed input scalings (1 / RMS of the training inputs)
+    e_scale: float = 1.0
+
+
+def silu(x, xp):
+    return x / (1.0 + xp.exp(-x))
+
+
+def param_shapes(cfg: ReDrafterConfig, n_draft: int) -> dict[str, tuple[int, ...]]:
+    shapes = {"w_e": (cfg.n_embd, cfg.d_rnn), "u": (cfg.d_rnn, cfg.d_rnn), "b_s": (cfg.d_rnn,),
+              "w_h": (cfg.n_embd, cfg.n_embd), "w_s": (cfg.d_rnn, cfg.n_embd), "b_x": (cfg.n_embd,),
+              "bias": (n_draft,)}
+    for k in range(cfg.n_blocks):
+        shapes[f"w{k}"], shapes[f"b{k}"] = (cfg.n_embd, cfg.n_embd), (cfg.n_embd,)
+    return shapes
+
+
+def step(p: dict, n_blocks: int, h, e_proj, s, xp):
+    """One draft step. ``h``: scaled target hidden [B, n_embd]; ``e_proj``: ``E[token] W_e`` [B, d_rnn];
+    ``s``: previous state [B, d_rnn]. Returns (new state, head input x [B, n_embd])."""
+    s = silu(e_proj + s @ p["u"] + p["b_s"], xp)
+    x = h @ p["w_h"] + s @ p["w_s"] + p["b_x"]
+    for k in range(n_blocks):
+        x = x + silu(x @ p[f"w{k}"] + p[f"b{k}"], xp)
+    return s, x
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+# ---- weights on disk ---------------------------------------------------------------------------------
+def weights_path(target: str) -> Path:
+    return WEIGHTS_DIR / f"redrafter-{target}.npz"
+
+
+def save(path: Path, cfg: ReDrafterConfig, vocab: np.ndarray, params: dict[str, np.ndarray]) -> None:
+    """Write fp16 weights atomically, with the config, a format version and a SHA-256 of the arrays."""
+    arrays = {k: np.asarray(v, np.float16) for k, v in params.items()}
+    arrays["vocab"] = np.asarray(vocab, np.int32)
+    meta = {"config": asdict(cfg), "version": FORMAT_VERSION, "sha256": _digest(arrays)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> tuple[ReDrafterConfig, np.ndarray, dict[str, np.ndarray]]:
+    """Read and verify a weights file: (config, draft vocabulary, float32 params)."""
+    if not path.exists():
+        raise FileNotFoundError(f"no ReDrafter weights at {path}")
+    try:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a readable ReDrafter weights file: {e}") from e
+    meta = json.loads(str(arrays.pop("meta")))
+    if meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: weights format {meta.get('version')}, this edgespec reads {FORMAT_VERSION}")
+    if meta.get("sha256") != _digest(arrays):
+        raise ValueError(f"{path}: checksum mismatch (corrupt weights file)")
+    vocab = arrays.pop("vocab")
+    return ReDrafterConfig(**meta["config"]), vocab, {k: v.astype(np.float32) for k, v in arrays.items()}
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(arrays[k]).tobytes())
+    return h.hexdigest()
+
+
+# ---- the drafter -------------------------------------------------------------------------------------
+class ReDrafter:
+    """Drafts token trees from the target's hidden state (needs ``DraftContext.hidden``)."""
+
+    name = "redrafter"
+    needs_hidden = True
+    self_gating = True
+
+    def __init__(self, weights: Path, target_gguf: Path, xp=np):
+        from edgespec.backends.gguf_file import TensorRows
+
+        self.cfg, vocab, params = load(weights)
+        self.xp = xp
+        self.vocab = vocab.astype(np.int64)
+        self.emb = TensorRows(target_gguf, "token_embd.weight")
+        if (self.emb.n_rows, self.emb.n_cols) != (self.cfg.n_vocab, self.cfg.n_embd):
+            raise ValueError(f"{weights.name} was trained for a target with vocab {self.cfg.n_vocab} and "
+                             f"hidden size {self.cfg.n_embd}, not {self.emb.n_rows} x {self.emb.n_cols}")
+        self.w_e = params["w_e"] * self.cfg.e_scale
+        # projected input embeddings of the draft vocabulary, computed once (rows read from the GGUF)
+        self.e_draft = np.concatenate([self.emb(self.vocab[i:i + 4096]) @ self.w_e
+                                       for i in range(0, len(self.vocab), 4096)])
+        self.out_rows = TensorRows(target_gguf, "output.weight")
+        self.p_np = params
+        self.p = params if xp is np else {k: xp.array(v) for k, v in params.items()}
+        self.n_params = sum(v.size for v in params.values())
+        self.calib_pred = np.ones(16)  # per depth: decayed sums of predicted path probability ...
+        self.calib_hit = np.ones(16)  # ... and of paths the target accepted
+        self._last: tuple[DraftTree, list[float]] | None = None
+
+    # ---- beam search --------------------------------------------------------------------------
+    def draft_logp(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Shortlist the top-m draft tokens of each row of ``x`` with the low-rank head, rescore them with the
+        target's exact output rows. Returns ([B, m] draft ids, [B, m] log-probs over the shortlist)."""
+        p, m = self.p_np, min(self.cfg.shortlist, len(self.vocab))
+        approx = (x @ p["head_a"]) @ p["head_b"] + p["bias"]
+        short = np.argpartition(-approx, m - 1, axis=1)[:, :m]
+        ids, inv = np.unique(short, return_inverse=True)
+        rows = self.out_rows(self.vocab[ids])  # [u, n_embd]
+        exact = np.take_along_axis(x @ rows.T, inv.reshape(short.shape), axis=1) + p["bias"][short]
+        return short, log_softmax(exact)
+
+    def beams(self, hidden: np.ndarray, root: int, width: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Beam search: ([w, L] target token ids, [w, L] cumulative draft log-probs)."""
+        xp = self.xp
+        h = (hidden.astype(np.float32) * self.cfg.h_scale)[None]
+        e = self.emb([root]) @ self.w_e
+        s = np.zeros((1, self.cfg.d_rnn), np.float32)
+        seqs = np.zeros((1, 0), np.int64)
+        cum = np.zeros((1, 0), np.float32)
+        score = np.zeros(1, np.float32)
+        for _ in range(length):
+            hb = np.repeat(h, len(s), 0)
+            if xp is np:
+                s, x = step(self.p, self.cfg.n_blocks, hb, e, s, np)
+            else:  # MLX (Metal): the step on the device, the shortlist on the host
+                s, x = step(self.p, self.cfg.n_blocks, xp.array(hb), xp.array(e), xp.array(s), xp)
+                s, x = np.array(s), np.array(x)
+            short, logp = self.draft_logp(x)
+            cand = (score[:, None] + logp).ravel()
+            k = min(width, cand.size)
+            top = np.argpartition(-cand, k - 1)[:k]
+            top = top[np.argsort(-cand[top])]
+            b = top // logp.shape[1]
+            t = short.ravel()[top]
+            score = cand[top]
+            seqs = np.concatenate([seqs[b], t[:, None]], axis=1)
+            cum = np.concatenate([cum[b], score[:, None]], axis=1)
+            s, e = s[b], self.e_draft[t]
+        return self.vocab[seqs], cum
+
+    def propose(self, ctx: DraftContext, shape: TreeShape) -> DraftTree:
+        if ctx.hidden is None or shape.depth <= 0 or shape.max_nodes <= 0:
+            return DraftTree()
+        toks, cum = self.beams(ctx.hidden, ctx.root, max(shape.width, 1), shape.depth)
+        # every distinct prefix is a candidate node, with its calibrated path probability (never above its
+        # parent's, so best-first selection always keeps parents before children)
+        cands: dict[tuple[int, ...], float] = {}
+        for beam, lp in zip(toks.tolist(), cum.tolist(), strict=False):
+            for d in range(len(beam)):
+                key = tuple(beam[:d + 1])
+                prob = self._calibrated(float(np.exp(lp[d])), d)
+                if d:
+                    prob = min(prob, cands[key[:-1]])
+                cands[key] = max(cands.get(key, 0.0), prob)
+        kept: list[tuple[int, ...]] = []
+        for key, prob in sorted(cands.items(), key=lambda kv: (-kv[1], len(kv[0]))):
+            if not shape.worth(prob, len(kept)):
+                break
+            kept.append(key)
+        tree, _ = pack_beams([list(k) for k in kept])
+        self._last = (tree, [cands[k] for k in _node_keys(tree)])
+        return tree
+
+    def _calibrated(self, p: float, depth: int) -> float:
+        d = min(depth, len(self.calib_hit) - 1)
+        return min(1.0, p * self.calib_hit[d] / self.calib_pred[d])
+
+    def observe(self, result: VerifyResult) -> None:
+        if self._last is None or self._last[0] is not result.tree:
+            return
+        tree, probs = self._last
+        accepted = set(result.accepted)
+        decay = 0.98
+        for i, d in enumerate(tree.depths()):
+            k = min(d - 1, len(self.calib_hit) - 1)
+            self.calib_pred[k] = decay * self.calib_pred[k] + probs[i]
+            self.calib_hit[k] = decay * self.calib_hit[k] + (i in accepted)
+        self._last = None
+
+    def reset(self) -> None:
+        self._last = None
+
+    def footprint(self) -> dict[str, int]:
+        b = 4 * self.n_params + self.e_draft.nbytes
+        return {"now": b, "max": b}
+
+    def close(self) -> None:
+        pass
+
+
+def _node_keys(tree: DraftTree) -> list[tuple[int, ...]]:
+    keys: list[tuple[int, ...]] = []
+    for tok, par in zip(tree.tokens, tree.parents, strict=False):
+        keys.append((keys[par] if par >= 0 else ()) + (tok,))
+    return keys
+
+
+def shipped(target: str) -> Path | None:
+    """The drafter shipped for model id ``target``, if any."""
+    p = weights_path(target)
+    return p if p.exists() else None

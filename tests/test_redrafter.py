@@ -1,0 +1,130 @@
+"""ReDrafter: distillation data, training, beam-to-tree packing, losslessness, shipped weights, bad files."""
+
+import numpy as np
+import pytest
+from edgespec.models import redrafter
+from edgespec.models.distill import CollectConfig, collect
+from edgespec.models.drafter import DraftContext, TreeShape
+from edgespec.models.redrafter import ReDrafter
+from edgespec.models.train_redrafter import Data, TrainConfig, Trainer
+
+from edgespec.controller import controller_for
+from edgespec.generate import GenerationConfig, Stats, plain_steps, stream
+from edgespec.speculative import speculative_steps
+
+PROMPTS = ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+           "import os\n\n\ndef list_python_files(root):\n"]
+TINY = TrainConfig(depth=2, n_draft=512, d_rnn=32, n_blocks=1, rank=32, shortlist=16, steps=40, batch=32, lr=3e-3,
+                   ckpt_every=20, eval_every=1000, held_out=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(qwen, tmp_path_factory):
+    """Four 64-token segments (two shards) from the real qwen2.5-coder-0.5b, one a self-distilled answer."""
+    out = tmp_path_factory.mktemp("distill")
+    cfg = CollectConfig(seg_len=64, segments=3, self_distill=1, answer_tokens=16, top_k=8, shard_size=2)
+    shards = collect(qwen, out, cfg)
+    assert len(shards) == 2 and all(p.exists() for p in shards)
+    assert collect(qwen, out, cfg) == shards  # resumes: nothing left to do
+    return shards
+
+
+@pytest.fixture(scope="module")
+def tiny_drafter(qwen_path, tiny_data, tmp_path_factory):
+    work = tmp_path_factory.mktemp("train")
+    tr = Trainer(Data.load(tiny_data[:1]), Data.load(tiny_data[1:]), qwen_path, "qwen2.5-coder-0.5b", work, TINY)
+    fixed = tr.pos[np.random.default_rng(0).permutation(len(tr.pos))[:64]]
+    with tr.torch.no_grad():
+        before = float(sum(tr.batch_losses(tr.data, fixed)["kl"]))
+    tr.train(progress=False)
+    with tr.torch.no_grad():
+        after = float(sum(tr.batch_losses(tr.data, fixed)["kl"]))
+    path = work / "rd.npz"
+    tr.export(path)
+    return {"path": path, "before": before, "after": after, "work": work, "trainer": tr}
+
+
+def test_collected_data_is_the_targets(qwen, tiny_data):
+    d = Data.load(tiny_data)
+    assert d.hidden.shape[-1] == qwen.info.n_embd and d.top_ids.shape[-1] == 8
+    seg = [int(t) for t in d.tokens[0] if t >= 0]
+    qwen.truncate(0)
+    out = qwen.prefill(seg[:10])
+    qwen.truncate(0)
+    assert int(np.argmax(out.logits[0])) == int(d.top_ids[0, 9, 0])  # top-1 at position 9 is the target's argmax
+    probs = np.exp(d.top_logp.astype(np.float32)).sum(-1)
+    assert np.all(probs <= 1.01) and np.median(probs) > 0.5  # true log-probs, not renormalized
+
+
+def test_training_lowers_the_loss_and_resumes(tiny_drafter, tiny_data, qwen_path):
+    assert tiny_drafter["after"] < 0.8 * tiny_drafter["before"]
+    tr = Trainer(Data.load(tiny_data[:1]), Data.load(tiny_data[1:]), qwen_path, "qwen2.5-coder-0.5b",
+                 tiny_drafter["work"], TINY)
+    assert tr.step_n == TINY.steps  # picked up the checkpoint
+    saved, trained = tr.params["bias"].detach().numpy(), tiny_drafter["trainer"].params["bias"].detach().numpy()
+    np.testing.assert_allclose(saved, trained)
+
+
+def test_beams_pack_into_a_deduplicated_gated_tree(tiny_drafter, qwen_path):
+    rd = ReDrafter(tiny_drafter["path"], qwen_path)
+    beams = np.array([[5, 6, 7], [5, 6, 8], [5, 9, 10], [11, 12, 13]])
+    lp = np.log(np.array([[0.9, 0.8, 0.7], [0.9, 0.8, 0.05], [0.9, 0.1, 0.09], [0.05, 0.04, 0.03]]))
+    rd.beams = lambda h, root, w, L: (beams, lp)
+    ctx = DraftContext([], 1, np.zeros(rd.cfg.n_embd, np.float32), None)
+    tree = rd.propose(ctx, TreeShape(3, 4, 16))  # no costs: every distinct prefix
+    assert len(tree) == 9 and tree.parents[:3] == [-1, 0, 1]
+    tree = rd.propose(ctx, TreeShape(3, 4, 16, node_cost=(0.5,) * 16))  # only paths likelier than 0.5
+    assert tree.tokens == [5, 6, 7] and tree.parents == [-1, 0, 1]
+    assert len(rd.propose(ctx, TreeShape(3, 4, 2))) == 2  # max_nodes
+
+
+def _generate(backend, prompt, drafter=None, n=48):
+    backend.truncate(0)
+    stats, out = Stats(), []
+    steps = plain_steps if drafter is None else speculative_steps(drafter, controller_for(drafter, fixed_depth=3))
+    list(stream(backend, prompt, GenerationConfig(max_tokens=n), stats, steps=steps, out_tokens=out,
+                want_hidden=drafter is not None))
+    return out, stats
+
+
+def test_trained_drafter_is_lossless(qwen, qwen_path, tiny_drafter):
+    rd = ReDrafter(tiny_drafter["path"], qwen_path)
+    for text in PROMPTS:
+        prompt = qwen.tokenize(text)
+        plain, _ = _generate(qwen, prompt)
+        spec, st = _generate(qwen, prompt, rd)
+        assert spec == plain and st.drafted > 0
+
+
+def test_shipped_drafter_loads_and_drafts(qwen, qwen_path):
+    path = redrafter.shipped("qwen2.5-coder-0.5b")
+    assert path is not None, "the qwen2.5-coder-0.5b ReDrafter weights are missing from models/weights"
+    assert path.stat().st_size <= 40e6
+    rd = ReDrafter(path, qwen_path)
+    accepted = 0
+    for text in PROMPTS:
+        prompt = qwen.tokenize(text)
+        plain, _ = _generate(qwen, prompt)
+        spec, st = _generate(qwen, prompt, rd)
+        assert spec == plain
+        accepted += st.accepted
+    assert accepted > 0  # a trained head gets some drafts accepted
+
+
+def test_bad_weights_files_are_refused(tiny_drafter, qwen_path, smol_path, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ReDrafter(tmp_path / "missing.npz", qwen_path)
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable"):
+        ReDrafter(bad, qwen_path)
+    cfg, vocab, params = redrafter.load(tiny_drafter["path"])
+    params["bias"][0] += 1.0
+    redrafter.save(bad, cfg, vocab, params)
+    raw = bytearray(bad.read_bytes())
+    raw[-200] ^= 0xFF  # flip a byte inside the arrays
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ValueError):
+        ReDrafter(bad, qwen_path)
+    with pytest.raises(ValueError, match="trained for a target"):
+        ReDrafter(tiny_drafter["path"], smol_path)  # another model's vocabulary
