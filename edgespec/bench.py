@@ -86,7 +86,7 @@ def parse_method(spec: str) -> Method:
         return Method(spec, "llama-python")
     if name.startswith("anchor-"):
         return Method(spec, "anchor", k=int(name.split("-", 1)[1]))
-    if name in ("ngram", "auto", "redrafter") or name.startswith(("model:", "redrafter:")):
+    if name in ("ngram", "auto", "redrafter") or name.startswith(("model:", "redrafter:", "xvocab:")):
         return Method(spec, "spec", drafter=name, depth=depth, width=width)
     raise ValueError(f"unknown bench method {spec!r}")
 

@@ -26,6 +26,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "redrafter[:<weights.npz>], model:<id> (same-vocabulary draft model), none (default: auto)")
     p.add_argument("--draft-depth", type=int, default=None, help="fixed draft depth (default: cost-aware controller)")
     p.add_argument("--draft-width", type=int, default=None, help="candidates per draft node / beams")
+    p.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=True,
+                   help="adapt a ReDrafter head online to your own traffic, between replies, saved per user "
+                        "(default: on; `edgespec drafter reset` forgets it)")
     p.add_argument("--memory-budget", default=None,
                    help="run within this much RAM (e.g. 1.5GB): context, KV type, batch and drafter are planned "
                         "to fit, and the draft tree is capped to the live headroom; refused if too small")
@@ -50,7 +53,8 @@ def _load(a: argparse.Namespace):
     from edgespec.runtime import load
 
     return load(a.model, n_ctx=a.n_ctx, n_threads=a.threads, kv_type=a.kv_type, backend=a.backend,
-                draft=a.draft, draft_depth=a.draft_depth, draft_width=a.draft_width, memory_budget=a.memory_budget)
+                draft=a.draft, draft_depth=a.draft_depth, draft_width=a.draft_width, memory_budget=a.memory_budget,
+                adapt=a.adapt)
 
 
 def _print_stats(stats: Stats) -> None:
@@ -115,6 +119,10 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    if a.online:
+        from edgespec.onlinebench import main as online_main
+
+        return online_main(a)
     if a.memory_budgets:
         from edgespec.membench import main as membench_main
 
@@ -203,6 +211,20 @@ def _show_session_stats(rt, sess) -> None:
         print(f"last reply: {sess.last_stats.line()}", file=sys.stderr)
 
 
+def cmd_drafter(a: argparse.Namespace) -> int:
+    from edgespec.models.online import state_path
+
+    targets = [a.target] if a.target else list(registry.MODELS)
+    for t in targets:
+        p = state_path(registry.cache_dir(), Path(t).stem)
+        if p.exists():
+            p.unlink()
+            print(f"removed the adapted drafter state for {t} ({p})")
+        else:
+            print(f"no adapted drafter state for {t}")
+    return 0
+
+
 def cmd_train_drafter(a: argparse.Namespace) -> int:
     from edgespec.models.train_redrafter import TrainConfig, pipeline
 
@@ -250,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory-limit benchmark instead: comma-separated budgets (e.g. 1GB,1.5GB,plain+10%%), "
                         "each run in a fresh process that records its peak RSS")
     p.add_argument("--draft", default="auto", help="drafter for --memory-budgets runs (default: auto)")
+    p.add_argument("--online", type=int, default=0,
+                   help="online-adaptation benchmark instead: stream this many HumanEval prompts with and without "
+                        "adapting the ReDrafter head")
     p.add_argument("--chat-tokens", type=int, default=64, help="tokens per turn of the 10-turn chat (--memory-budgets)")
     p.set_defaults(func=cmd_bench)
 
@@ -279,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="weights file (default: the user's drafter directory)")
     p.set_defaults(func=cmd_train_drafter)
+
+    p = sub.add_parser("drafter", help="manage the online-adapted drafter state")
+    p.add_argument("action", choices=["reset"], help="reset: forget what the drafter learned from your traffic")
+    p.add_argument("--target", default=None, help="model id (default: all)")
+    p.set_defaults(func=cmd_drafter)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat")
     _add_model_args(p)

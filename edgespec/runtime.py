@@ -43,6 +43,7 @@ class LoadOptions:
     draft_depth: int | None = None  # fixed draft depth instead of the cost-aware controller
     draft_width: int | None = None  # candidates per node / beams (default: the drafter's own)
     n_batch: int = 512
+    adapt: bool = False  # online adaptation of a ReDrafter head on this user's traffic (persisted per user)
     memory_budget: int | str | None = None  # bytes or "1.5GB": plan context/KV/batch/drafter to fit it
 
     def __post_init__(self):
@@ -121,9 +122,26 @@ def redrafter_weights(model: str) -> Path | None:
     return user if user.exists() else redrafter.shipped(Path(str(model)).stem)
 
 
+def with_adapter(cls, weights: Path, target_path: Path, model: str):
+    """A ReDrafter that adapts online, starting from this user's adapted state when a valid one exists."""
+    from edgespec.models.online import OnlineAdapter, state_path
+
+    state = state_path(registry.cache_dir(), Path(str(model)).stem)
+    drafter = None
+    if state.exists():
+        try:
+            drafter = cls(state, target_path)
+        except ValueError as e:  # corrupt or from another version: start again from the shipped weights
+            print(f"edgespec: ignoring adapted drafter state ({e})", file=sys.stderr)
+    drafter = drafter or cls(weights, target_path)
+    drafter.adapter = OnlineAdapter(drafter, path=state)
+    return drafter
+
+
 def make_drafter(spec: str, target: Backend, opts: LoadOptions, model: str = "") -> Drafter | None:
     """Build a drafter from its name: ``auto`` (ReDrafter when weights exist for ``model``, else n-gram),
-    ``ngram``, ``redrafter`` / ``redrafter:<weights.npz>``, or ``model:<id or path>`` (same vocabulary)."""
+    ``ngram``, ``redrafter`` / ``redrafter:<weights.npz>``, ``model:<id or path>`` (same vocabulary) or
+    ``xvocab:<id or path>`` (a draft model with another vocabulary)."""
     if spec in ("none", ""):
         return None
     if spec == "auto":
@@ -137,14 +155,22 @@ def make_drafter(spec: str, target: Backend, opts: LoadOptions, model: str = "")
         if weights is None:
             raise registry.ModelError(f"no ReDrafter weights for {model!r}: train one with "
                                       f"`edgespec train-drafter --target {model}` or use --draft ngram")
-        return ReDrafter(weights, Path(target.path))
+        return with_adapter(ReDrafter, weights, Path(target.path), model) if opts.adapt else \
+            ReDrafter(weights, Path(target.path))
+    if spec.startswith("xvocab:"):
+        from edgespec.models.cross_vocab import CrossVocabDrafter
+
+        path = registry.resolve(spec[len("xvocab:"):])
+        draft_opts = LoadOptions(n_ctx=opts.n_ctx, n_threads=opts.n_threads, backend="llama.cpp")
+        return CrossVocabDrafter(open_backend(path, draft_opts), target)
     if spec.startswith("model:"):
         from edgespec.models.draft_model import DraftModelDrafter
 
         path = registry.resolve(spec[len("model:"):])
         draft_opts = LoadOptions(n_ctx=opts.n_ctx, n_threads=opts.n_threads, kv_type=opts.kv_type, backend=opts.backend)
         return DraftModelDrafter(open_backend(path, draft_opts), target_vocab=target.info.n_vocab)
-    raise ValueError(f"unknown drafter {spec!r}: use auto, ngram, redrafter[:<path>], model:<id or path> or none")
+    raise ValueError(f"unknown drafter {spec!r}: use auto, ngram, redrafter[:<path>], model:<id or path>, "
+                     "xvocab:<id or path> or none")
 
 
 class Runtime:
@@ -199,8 +225,16 @@ class Runtime:
         with self.lock:
             self.last_stats = stats
             steps = plain_steps if self.drafter is None else speculative_steps(self.drafter, self.controller)
-            yield from stream(self.backend, tokens, req.config(), stats, steps=steps, cancel=req.cancel,
-                              out_tokens=out, want_hidden=getattr(self.drafter, "needs_hidden", False))
+            adapter = getattr(self.drafter, "adapter", None)
+            if adapter is not None:
+                adapter.busy.set()  # an adaptation step in flight stops at its next step
+            try:
+                yield from stream(self.backend, tokens, req.config(), stats, steps=steps, cancel=req.cancel,
+                                  out_tokens=out, want_hidden=getattr(self.drafter, "needs_hidden", False))
+            finally:
+                if adapter is not None:
+                    adapter.busy.clear()
+                    adapter.start()  # learn from this request between requests, in the background
 
     def stream(self, prompt: str | list[int], **kwargs) -> Iterator[str]:
         """Yield text chunks of a raw completion of ``prompt``; stats land in ``last_stats``."""

@@ -80,7 +80,7 @@ def speculative_steps(drafter: Drafter, controller: Controller) -> StepSource:
             t0 = time.perf_counter()
             tree = DraftTree()
             if shape.depth > 0:
-                tree = drafter.propose(DraftContext(backend.cached, root, hidden, logits), shape)
+                tree = drafter.propose(DraftContext(backend.cached, root, hidden, logits, not sp.greedy), shape)
             t1 = time.perf_counter()
             out = backend.forward([root] + tree.tokens, [-1] + [p + 1 for p in tree.parents])
             t2 = time.perf_counter()

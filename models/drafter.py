@@ -62,6 +62,7 @@ class DraftContext:
     root: int  # the target's newest token, which the draft continues
     hidden: np.ndarray | None  # target's post-norm hidden state at the position that produced the root
     logits: np.ndarray | None  # target's logits at that position
+    sampling: bool = False  # the target samples (a drafter may then propose with a distribution q)
 
 
 @dataclass

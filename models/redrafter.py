@@ -3,7 +3,7 @@
 One step of the head (paper 2403.09919, notes §5), for draft state ``s`` and target hidden ``h``:
 
     s' = SiLU(E[token] W_e + s U + b_s)           E: the target's own input embeddings (from its GGUF)
-    x  = h W_h + s' W_s + b_x                     = concat(h, s') @ [W_h; W_s]
+    x  = h W_h + b_x + s' W_s                     = concat(h, s') @ [W_h; W_s] + b_x
     x  = x + SiLU(x W_k + b_k)                    k = 1..n_blocks residual blocks
     logits = x O_v^T + bias                       the target's own output rows O_v, draft vocabulary only
 
@@ -41,8 +41,8 @@ class ReDrafterConfig:
     n_embd: int  # the target's hidden size
     n_vocab: int  # the target's vocabulary size
     d_rnn: int = 256
-    n_blocks: int = 2
-    rank: int = 256  # of the shortlist head
+    n_blocks: int = 1
+    rank: int = 128  # of the shortlist head
     shortlist: int = 64  # tokens rescored with the exact output rows
     h_scale: float = 1.0  # fixed input scalings (1 / RMS of the training inputs)
     e_scale: float = 1.0
@@ -61,11 +61,16 @@ def param_shapes(cfg: ReDrafterConfig, n_draft: int) -> dict[str, tuple[int, ...
     return shapes
 
 
-def step(p: dict, n_blocks: int, h, e_proj, s, xp):
-    """One draft step. ``h``: scaled target hidden [B, n_embd]; ``e_proj``: ``E[token] W_e`` [B, d_rnn];
-    ``s``: previous state [B, d_rnn]. Returns (new state, head input x [B, n_embd])."""
+def hidden_part(p: dict, h):
+    """``h W_h + b_x``: the target hidden's share of x, fixed for a whole draft (computed once)."""
+    return h @ p["w_h"] + p["b_x"]
+
+
+def step(p: dict, n_blocks: int, hx, e_proj, s, xp):
+    """One draft step. ``hx``: ``hidden_part`` of the scaled target hidden [B, n_embd]; ``e_proj``:
+    ``E[token] W_e`` [B, d_rnn]; ``s``: previous state [B, d_rnn]. Returns (new state, head input x)."""
     s = silu(e_proj + s @ p["u"] + p["b_s"], xp)
-    x = h @ p["w_h"] + s @ p["w_s"] + p["b_x"]
+    x = hx + s @ p["w_s"]
     for k in range(n_blocks):
         x = x + silu(x @ p[f"w{k}"] + p[f"b{k}"], xp)
     return s, x
@@ -128,6 +133,8 @@ class ReDrafter:
     name = "redrafter"
     needs_hidden = True
     self_gating = True
+    max_depth = 4  # beam length L (the depths it was trained for)
+    default_width = 3  # beams w
 
     def __init__(self, weights: Path, target_gguf: Path, xp=np):
         from edgespec.backends.gguf_file import TensorRows
@@ -144,12 +151,20 @@ class ReDrafter:
         self.e_draft = np.concatenate([self.emb(self.vocab[i:i + 4096]) @ self.w_e
                                        for i in range(0, len(self.vocab), 4096)])
         self.out_rows = TensorRows(target_gguf, "output.weight")
-        self.p_np = params
-        self.p = params if xp is np else {k: xp.array(v) for k, v in params.items()}
+        self.draft_of = np.full(self.cfg.n_vocab, -1, np.int64)  # target id -> draft id
+        self.draft_of[self.vocab] = np.arange(len(self.vocab))
+        self.set_params(params)
+        self.adapter = None  # an online.OnlineAdapter, when adaptation is on
         self.n_params = sum(v.size for v in params.values())
+        self.weights = weights
         self.calib_pred = np.ones(16)  # per depth: decayed sums of predicted path probability ...
         self.calib_hit = np.ones(16)  # ... and of paths the target accepted
         self._last: tuple[DraftTree, list[float]] | None = None
+
+    def set_params(self, params: dict[str, np.ndarray]) -> None:
+        """Swap in new weights (from online adaptation) in one assignment each, between drafts."""
+        self.p_np = params
+        self.p = params if self.xp is np else {k: self.xp.array(v) for k, v in params.items()}
 
     # ---- beam search --------------------------------------------------------------------------
     def draft_logp(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,18 +181,17 @@ class ReDrafter:
     def beams(self, hidden: np.ndarray, root: int, width: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         """Beam search: ([w, L] target token ids, [w, L] cumulative draft log-probs)."""
         xp = self.xp
-        h = (hidden.astype(np.float32) * self.cfg.h_scale)[None]
+        h = hidden_part(self.p_np, (hidden.astype(np.float32) * self.cfg.h_scale)[None])
         e = self.emb([root]) @ self.w_e
         s = np.zeros((1, self.cfg.d_rnn), np.float32)
         seqs = np.zeros((1, 0), np.int64)
         cum = np.zeros((1, 0), np.float32)
         score = np.zeros(1, np.float32)
         for _ in range(length):
-            hb = np.repeat(h, len(s), 0)
             if xp is np:
-                s, x = step(self.p, self.cfg.n_blocks, hb, e, s, np)
+                s, x = step(self.p, self.cfg.n_blocks, h, e, s, np)
             else:  # MLX (Metal): the step on the device, the shortlist on the host
-                s, x = step(self.p, self.cfg.n_blocks, xp.array(hb), xp.array(e), xp.array(s), xp)
+                s, x = step(self.p, self.cfg.n_blocks, xp.array(h), xp.array(e), xp.array(s), xp)
                 s, x = np.array(s), np.array(x)
             short, logp = self.draft_logp(x)
             cand = (score[:, None] + logp).ravel()
@@ -195,6 +209,8 @@ class ReDrafter:
     def propose(self, ctx: DraftContext, shape: TreeShape) -> DraftTree:
         if ctx.hidden is None or shape.depth <= 0 or shape.max_nodes <= 0:
             return DraftTree()
+        if self.adapter is not None:
+            self.adapter.before_draft(ctx.hidden, ctx.root)
         toks, cum = self.beams(ctx.hidden, ctx.root, max(shape.width, 1), shape.depth)
         # every distinct prefix is a candidate node, with its calibrated path probability (never above its
         # parent's, so best-first selection always keeps parents before children)
@@ -220,6 +236,8 @@ class ReDrafter:
         return min(1.0, p * self.calib_hit[d] / self.calib_pred[d])
 
     def observe(self, result: VerifyResult) -> None:
+        if self.adapter is not None:
+            self.adapter.record(result)
         if self._last is None or self._last[0] is not result.tree:
             return
         tree, probs = self._last
@@ -235,11 +253,12 @@ class ReDrafter:
         self._last = None
 
     def footprint(self) -> dict[str, int]:
-        b = 4 * self.n_params + self.e_draft.nbytes
+        b = 4 * self.n_params + self.e_draft.nbytes + (self.adapter.footprint() if self.adapter else 0)
         return {"now": b, "max": b}
 
     def close(self) -> None:
-        pass
+        if self.adapter is not None:
+            self.adapter.wait()
 
 
 def _node_keys(tree: DraftTree) -> list[tuple[int, ...]]:

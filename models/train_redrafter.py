@@ -30,8 +30,8 @@ class TrainConfig:
     depth: int = 4  # draft depths trained (L)
     n_draft: int = 16384  # draft vocabulary size
     d_rnn: int = 256
-    n_blocks: int = 2
-    rank: int = 256
+    n_blocks: int = 1
+    rank: int = 128
     shortlist: int = 64
     steps: int = 1200
     batch: int = 256
@@ -41,6 +41,8 @@ class TrainConfig:
     eval_every: int = 200
     held_out: int = 2  # last shards kept for evaluation
     seed: int = 0
+    threads: int | None = None  # torch CPU threads (default: all cores, at most 4)
+    time_budget_s: float | None = None  # cap the steps to what fits this wall time (measured on the first 10)
 
 
 @dataclass
@@ -95,13 +97,23 @@ def shortlist_factors(head: np.ndarray, rank: int) -> dict[str, np.ndarray]:
             "head_b": (u[:, :rank] * np.sqrt(sv[:rank])).T.astype(np.float32)}
 
 
+def distill_kl(torch, logq, ids: np.ndarray, top_logp: np.ndarray):
+    """Per-row forward KL(target || draft): the target's top-k log-probs ``top_logp`` [B, k] at draft ids
+    ``ids`` [B, k] (-1: outside the draft vocabulary), renormalized over the draft vocabulary."""
+    w = np.where(ids >= 0, np.exp(top_logp.astype(np.float32)), 0.0)
+    w = w / np.maximum(w.sum(1, keepdims=True), 1e-9)
+    ent = np.where(w > 0, w * np.log(np.maximum(w, 1e-12)), 0.0).sum(1)
+    gathered = torch.gather(logq, 1, torch.from_numpy(np.maximum(ids, 0)))
+    return torch.from_numpy(ent.astype(np.float32)) - (torch.from_numpy(w.astype(np.float32)) * gathered).sum(1)
+
+
 class Trainer:
     def __init__(self, data: Data, held: Data, target_gguf: Path, target: str, out_dir: Path, tc: TrainConfig):
         import torch
         from edgespec.backends.gguf_file import TensorRows
 
         torch.manual_seed(tc.seed)
-        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+        torch.set_num_threads(tc.threads or max(1, min(4, os.cpu_count() or 1)))
         self.torch, self.tc, self.out_dir, self.data, self.held = torch, tc, out_dir, data, held
         out_dir.mkdir(parents=True, exist_ok=True)
         d = data.hidden.shape[-1]
@@ -157,9 +169,9 @@ class Trainer:
         """Distillation KL, hard CE and argmax agreement per depth for (segment, t) pairs ``pos``."""
         torch = self.torch
         seg, t = pos[:, 0], pos[:, 1]
-        h = torch.from_numpy(data.hidden[seg, t].astype(np.float32) * self.cfg.h_scale)
-        s = torch.zeros(len(pos), self.cfg.d_rnn)
         p = self.params
+        h = redrafter.hidden_part(p, torch.from_numpy(data.hidden[seg, t].astype(np.float32) * self.cfg.h_scale))
+        s = torch.zeros(len(pos), self.cfg.d_rnn)
         kl, ce, agree = [], [], []
         for j in range(1, self.tc.depth + 1):
             x_in = data.tokens[seg, t + j]
@@ -168,13 +180,7 @@ class Trainer:
             logits = x @ self.head.T + p["bias"]
             logq = torch.log_softmax(logits, dim=-1)
             ids = self.draft_of[data.top_ids[seg, t + j]]  # [B, k] draft ids, -1 = outside
-            lp = data.top_logp[seg, t + j].astype(np.float32)
-            w = np.where(ids >= 0, np.exp(lp), 0.0)
-            w = w / np.maximum(w.sum(1, keepdims=True), 1e-9)
-            tgt = torch.from_numpy(w.astype(np.float32))
-            gathered = torch.gather(logq, 1, torch.from_numpy(np.maximum(ids, 0)))
-            ent = torch.from_numpy(np.where(w > 0, w * np.log(np.maximum(w, 1e-12)), 0.0).sum(1).astype(np.float32))
-            kl.append((ent - (tgt * gathered).sum(1)).mean())
+            kl.append(distill_kl(torch, logq, ids, data.top_logp[seg, t + j]).mean())
             nxt = self.draft_of[data.tokens[seg, t + j + 1]]
             ok = nxt >= 0
             ce.append(-logq[torch.from_numpy(np.flatnonzero(ok)), torch.from_numpy(nxt[ok])].mean())
@@ -185,7 +191,12 @@ class Trainer:
     def train(self, steps: int | None = None, progress: bool = True) -> list[dict]:
         steps = self.tc.steps if steps is None else steps
         bar = tqdm(total=steps, initial=min(self.step_n, steps), desc="train", unit="step", disable=not progress)
+        t0, n0 = time.perf_counter(), self.step_n
         while self.step_n < steps:
+            if self.tc.time_budget_s and self.step_n == n0 + 10:  # fit the schedule to the time budget
+                per = (time.perf_counter() - t0) / 10
+                steps = self.tc.steps = min(steps, n0 + 10 + int((self.tc.time_budget_s - 10 * per) / per))
+                bar.total = steps
             idx = self.rng.integers(0, len(self.pos), self.tc.batch)
             out = self.batch_losses(self.data, self.pos[idx])
             loss = sum(out["kl"]) / len(out["kl"])
@@ -229,7 +240,8 @@ class Trainer:
     def _agree_mask(self, pos: np.ndarray, depth: int) -> np.ndarray:
         torch = self.torch
         seg, t = pos[:, 0], pos[:, 1]
-        h = torch.from_numpy(self.held.hidden[seg, t].astype(np.float32) * self.cfg.h_scale)
+        h = redrafter.hidden_part(self.params, torch.from_numpy(self.held.hidden[seg, t].astype(np.float32)
+                                                                * self.cfg.h_scale))
         s = torch.zeros(len(pos), self.cfg.d_rnn)
         for j in range(1, depth + 1):
             e_proj = self.emb[self.row_of[self.held.tokens[seg, t + j]]] @ self.params["w_e"]
@@ -286,8 +298,11 @@ def write_card(path: Path, trainer: Trainer, meta: dict) -> None:
 def run(target: str, target_gguf: Path, shards: list[Path], out: Path, tc: TrainConfig, meta: dict) -> Trainer:
     if len(shards) <= tc.held_out:
         raise ValueError(f"need more than {tc.held_out} shards of data, have {len(shards)}")
-    train = Data.load(shards[:-tc.held_out])
-    held = Data.load(shards[-tc.held_out:])
+    # held out: the first shards (corpus text) and, from two on, the last (the target's own answers)
+    k = tc.held_out
+    held_idx = set(range(k // 2 + k % 2)) | set(range(len(shards) - k // 2, len(shards)))
+    train = Data.load([p for i, p in enumerate(shards) if i not in held_idx])
+    held = Data.load([shards[i] for i in sorted(held_idx)])
     work = out.parent / f".{out.stem}.work"
     t0 = time.perf_counter()
     tr = Trainer(train, held, target_gguf, target, work, tc)

@@ -128,3 +128,62 @@ def test_bad_weights_files_are_refused(tiny_drafter, qwen_path, smol_path, tmp_p
         ReDrafter(bad, qwen_path)
     with pytest.raises(ValueError, match="trained for a target"):
         ReDrafter(tiny_drafter["path"], smol_path)  # another model's vocabulary
+
+
+def test_online_adaptation_learns_and_survives_an_interrupted_save(qwen, qwen_path, tiny_drafter, tmp_path,
+                                                                    monkeypatch):
+    import os
+
+    import torch
+    from edgespec.models.online import OnlineAdapter, OnlineConfig
+    from edgespec.models.train_redrafter import distill_kl
+
+    rd = ReDrafter(tiny_drafter["path"], qwen_path)
+    state = tmp_path / "adapted.npz"
+    rd.adapter = OnlineAdapter(rd, OnlineConfig(min_new=4, steps=30, batch=16, lr=1e-2), path=state)
+    for text in PROMPTS:
+        plain, _ = _generate(qwen, qwen.tokenize(text))
+        spec, _ = _generate(qwen, qwen.tokenize(text), rd)
+        assert spec == plain  # recording does not change the output
+    ad = rd.adapter
+    assert ad.n > 4 and ad.pending()
+
+    def buffer_loss():
+        p = {k: torch.from_numpy(v) for k, v in rd.p_np.items()}
+        n = min(ad.n, ad.cfg.capacity)
+        with torch.no_grad():
+            return float(ad._loss(torch, p, ad.h[:n].astype(np.float32), ad.tokens[:n], ad.top_ids[:n],
+                                  ad.top_logp[:n], distill_kl))
+
+    before, old_bias = buffer_loss(), rd.p_np["bias"].copy()
+    assert ad.adapt() == 30 and not ad.pending()
+    assert buffer_loss() < before and not np.allclose(rd.p_np["bias"], old_bias)
+    ad.save()
+    saved = redrafter.load(state)[2]["bias"]
+    # a crash between writing the temporary file and the rename: the previous state stays loadable
+    rd.p_np["bias"] += 1.0
+
+    def crash(*a, **k):
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        ad.save()
+    monkeypatch.undo()
+    np.testing.assert_allclose(redrafter.load(state)[2]["bias"], saved, atol=1e-3)
+    ReDrafter(state, qwen_path)  # loads and verifies
+
+
+def test_drafter_reset_command(tmp_path, monkeypatch, tiny_drafter):
+    import shutil
+
+    from edgespec.models.online import state_path
+
+    from edgespec.cli import main
+
+    monkeypatch.setenv("EDGESPEC_HOME", str(tmp_path))
+    state = state_path(tmp_path, "qwen2.5-coder-0.5b")
+    state.parent.mkdir(parents=True)
+    shutil.copy(tiny_drafter["path"], state)
+    assert main(["drafter", "reset", "--target", "qwen2.5-coder-0.5b"]) == 0
+    assert not state.exists()

@@ -1,0 +1,178 @@
+"""Online adaptation of a ReDrafter head on the user's own traffic (in the spirit of OSD, 2310.07177).
+
+Every verify tells what the target wanted: for root r, accepted chain a_1..a_m and the target's next
+token n, the target's distributions at r, a_1, .., a_m are known (its logits rows). ``record`` keeps one
+example per verify: the hidden state the draft started from, the tokens r, a_1.. and the target's top-k
+at each depth, up to the first rejection (the correction the drafter should learn). ``adapt`` takes a few
+AdamW steps of the distillation loss (forward KL, ``train_redrafter.distill_kl``) on the buffer and
+swaps the new weights into the drafter.
+
+What is trained: the RNN recurrence, the state-to-x projection, the residual blocks and the output bias
+(``TRAINED``); the input projections and the shared head stay frozen, and the loss uses the head's
+shipped low-rank factors, so no vocabulary-sized matrix is held. Its memory (parameters, gradients, two
+AdamW moments, the buffer) is declared by ``footprint`` and counted by the planner.
+
+Never in the user's way: ``adapt`` runs between requests in a background thread (``start``), one small
+step at a time, and yields as soon as a request is running (``busy`` is set by the runtime).
+State persists per user and target (``state_path``): written atomically (temporary file, fsync,
+rename) with a format version and a SHA-256, so a crash mid-save leaves the previous state loadable.
+``edgespec drafter reset`` deletes it; ``enabled=False`` turns adaptation off.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from edgespec.models import redrafter
+from edgespec.models.drafter import VerifyResult
+
+TRAINED = ("u", "b_s", "w_s", "b_x", "w0", "b0", "bias")
+
+
+@dataclass
+class OnlineConfig:
+    enabled: bool = True
+    capacity: int = 2048  # examples kept (oldest dropped)
+    top_k: int = 8
+    min_new: int = 32  # new examples before an update
+    steps: int = 8  # AdamW steps per update
+    batch: int = 64
+    lr: float = 3e-4
+    seed: int = 0
+
+
+def state_path(root: Path, target: str) -> Path:
+    return root / "adapted" / f"redrafter-{target}.npz"
+
+
+class OnlineAdapter:
+    def __init__(self, drafter, cfg: OnlineConfig | None = None, path: Path | None = None):
+        self.d = drafter
+        self.cfg = cfg or OnlineConfig()
+        self.path = path
+        self.depth = 4
+        n, k, L = self.cfg.capacity, self.cfg.top_k, self.depth
+        self.h = np.zeros((n, drafter.cfg.n_embd), np.float16)
+        self.tokens = np.full((n, L), -1, np.int64)  # inputs r, a_1, .. per depth
+        self.top_ids = np.zeros((n, L, k), np.int64)
+        self.top_logp = np.full((n, L, k), -np.inf, np.float32)
+        self.n = 0  # examples recorded in total
+        self.new = 0  # since the last update
+        self.updates = 0
+        self.busy = threading.Event()  # set by the runtime while a request runs
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._p: dict | None = None
+        self._opt = None
+        self._hidden: np.ndarray | None = None
+        self._root: int | None = None
+
+    # ---- recording ----------------------------------------------------------------------------
+    def before_draft(self, hidden: np.ndarray | None, root: int) -> None:
+        self._hidden, self._root = hidden, root
+
+    def record(self, result: VerifyResult) -> None:
+        if not self.cfg.enabled or self._hidden is None or result.logits is None:
+            return
+        tree, acc = result.tree, result.accepted
+        rows = [0] + [i + 1 for i in acc]  # logits rows of the root and the accepted nodes
+        toks = [self._root] + [tree.tokens[i] for i in acc]
+        m = min(len(rows), self.depth)
+        with self._lock:
+            i = self.n % self.cfg.capacity
+            self.h[i] = self._hidden
+            self.tokens[i] = -1
+            self.tokens[i, :m] = toks[:m]
+            k = self.cfg.top_k
+            for j in range(m):
+                lg = result.logits[rows[j]]
+                ids = np.argpartition(-lg, k)[:k]
+                mx = lg.max()
+                lse = mx + np.log(np.exp(lg - mx).sum())
+                self.top_ids[i, j], self.top_logp[i, j] = ids, lg[ids] - lse
+            self.n += 1
+            self.new += 1
+        self._hidden = None
+
+    # ---- training -----------------------------------------------------------------------------
+    def pending(self) -> bool:
+        return self.cfg.enabled and self.new >= self.cfg.min_new
+
+    def adapt(self, stop: threading.Event | None = None) -> int:
+        """Run the update's steps (fewer if ``stop`` gets set); swap the weights in. Returns steps taken."""
+        import torch
+        from edgespec.models.train_redrafter import distill_kl
+
+        torch.set_num_threads(1)
+        d, cfg = self.d, self.cfg
+        if self._p is None:  # the trainable copy and its optimizer live across updates
+            self._p = {k: torch.from_numpy(v.copy()) for k, v in d.p_np.items()}
+            self._opt = torch.optim.AdamW([self._p[k].requires_grad_() for k in TRAINED if k in self._p],
+                                          lr=cfg.lr, weight_decay=0.0)
+        p = self._p
+        rng = np.random.default_rng([cfg.seed, self.updates])
+        taken = 0
+        for _ in range(cfg.steps):
+            if stop is not None and stop.is_set():
+                break
+            with self._lock:
+                idx = rng.integers(0, min(self.n, cfg.capacity), cfg.batch)
+                h, toks = self.h[idx].astype(np.float32), self.tokens[idx]
+                ids, lp = self.top_ids[idx], self.top_logp[idx]
+            loss = self._loss(torch, p, h, toks, ids, lp, distill_kl)
+            self._opt.zero_grad()
+            loss.backward()
+            self._opt.step()
+            taken += 1
+        if taken:
+            new = {k: (v.detach().numpy().copy() if k in TRAINED else d.p_np[k]) for k, v in p.items()}
+            d.set_params(new)
+            self.updates += 1
+            self.new = 0
+        return taken
+
+    def _loss(self, torch, p, h, toks, ids, lp, distill_kl):
+        d = self.d
+        hx = redrafter.hidden_part(p, torch.from_numpy(h * d.cfg.h_scale))
+        s = torch.zeros(len(h), d.cfg.d_rnn)
+        total, count = 0.0, 0
+        for j in range(self.depth):
+            valid = toks[:, j] >= 0
+            if not valid.any():
+                break
+            e = torch.from_numpy(d.emb(np.where(valid, toks[:, j], 0)) @ d.w_e)
+            s, x = redrafter.step(p, d.cfg.n_blocks, hx, e, s, torch)
+            logq = torch.log_softmax((x @ p["head_a"]) @ p["head_b"] + p["bias"], dim=-1)
+            kl = distill_kl(torch, logq, d.draft_of[ids[:, j]], lp[:, j])
+            mask = torch.from_numpy(valid.astype(np.float32))
+            total = total + (kl * mask).sum()
+            count += int(valid.sum())
+        return total / max(count, 1)
+
+    # ---- background thread and persistence ---------------------------------------------------------
+    def start(self) -> None:
+        """Adapt in a background thread if an update is due and no request is running."""
+        if not self.pending() or self.busy.is_set() or (self._thread and self._thread.is_alive()):
+            return
+        self._thread = threading.Thread(target=self._background, daemon=True)
+        self._thread.start()
+
+    def _background(self) -> None:
+        if self.adapt(stop=self.busy) and self.path is not None:
+            self.save()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def save(self) -> None:
+        redrafter.save(self.path, self.d.cfg, self.d.vocab, self.d.p_np)
+
+    def footprint(self) -> int:
+        """Bytes for the buffer and the trained part's parameters, gradients and AdamW moments."""
+        trained = sum(self.d.p_np[k].size for k in TRAINED if k in self.d.p_np) * 4
+        buf = self.h.nbytes + self.tokens.nbytes + self.top_ids.nbytes + self.top_logp.nbytes
+        return 4 * trained + buf

@@ -1,0 +1,124 @@
+"""Cross-vocabulary drafting: translation both ways, greedy exactness, sampling losslessness, bounded cache."""
+
+import numpy as np
+import pytest
+from edgespec.models.cross_vocab import CrossVocabDrafter, DraftText, Translator, vocab_bytes
+from edgespec.models.drafter import DraftContext, TreeShape
+
+from edgespec.controller import controller_for
+from edgespec.generate import GenerationConfig, Stats, plain_steps, stream
+from edgespec.sampling import SamplingParams, probs
+from edgespec.speculative import accept_sampling, speculative_steps
+from tests.conftest import make_backend
+
+CRAFTED = [
+    "def add(a, b):\n    return a + b\n",
+    "naïve café — déjà vu, 日本語のテキスト, 한국어, emoji 🙂🚀 done",
+    "    for i in range(10):\n        print(f\"{i:>4}\")  # tabs\tand spaces\n",
+    "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx aaaaaa 1234567890 !!!???",
+]
+
+
+@pytest.fixture(scope="module")
+def vocabs(smol, qwen):
+    return vocab_bytes(smol), vocab_bytes(qwen)
+
+
+@pytest.mark.parametrize("text", CRAFTED)
+def test_translation_round_trips(smol, qwen, vocabs, text):
+    tr = Translator(*vocabs)
+    dt = DraftText(smol, qwen, tr)
+    target = qwen.tokenize(text, add_special=False)
+    # target -> draft, fed one target token at a time (as decoding does), with a rollback in the middle
+    for i in range(1, len(target) + 1):
+        dt.update(target[:i])
+    dt.update(target[: len(target) // 2])
+    draft = dt.update(target)
+    assert b"".join(smol.token_bytes(d) for d in draft) == text.encode()  # the same text, exactly
+    # draft -> target: after learning from this text, the draft tokens translate back to target tokens
+    # that spell exactly the same text (the target may still have tokenized it differently, e.g. "):\n")
+    back = tr.translate(draft)
+    assert sum(n for _, n in back) == len(draft)
+    assert b"".join(qwen.token_bytes(t) for t, _ in back) == text.encode()
+    same = sum(a == b for (a, _), b in zip(back, target, strict=False))
+    assert same >= 0.5 * len(target)
+    if any(ord(c) > 127 for c in text):
+        assert any(n > 1 for _, n in back)  # multi-byte characters needed merged runs
+
+
+def test_cache_is_bounded_and_reports_its_size(smol, qwen, vocabs):
+    tr = Translator(*vocabs, capacity=8)
+    dt = DraftText(smol, qwen, tr)
+    dt.update(qwen.tokenize(" ".join(CRAFTED) * 2, add_special=False))
+    assert len(tr.cache) == 8 and tr.evictions > 0
+    assert tr.nbytes() == tr.direct.nbytes + 150 * 8
+
+
+def _generate(backend, prompt, drafter=None, n=40, sp=None):
+    backend.truncate(0)
+    stats, out = Stats(), []
+    steps = plain_steps if drafter is None else speculative_steps(drafter, controller_for(drafter, fixed_depth=3))
+    cfg = GenerationConfig(max_tokens=n, sampling=sp or SamplingParams())
+    list(stream(backend, prompt, cfg, stats, steps=steps, out_tokens=out))
+    return out, stats
+
+
+def test_cross_vocab_greedy_is_exact(qwen, smol_path):
+    draft = make_backend(smol_path, n_ctx=1024)
+    xd = CrossVocabDrafter(draft, qwen)
+    accepted = 0
+    try:
+        for text in ["def is_prime(n):\n    \"\"\"Return True if n is prime.\"\"\"\n",
+                     "The capital of France is Paris. The capital of Japan is"]:
+            prompt = qwen.tokenize(text)
+            plain, _ = _generate(qwen, prompt)
+            spec, st = _generate(qwen, prompt, xd)
+            assert spec == plain
+            accepted += st.accepted
+        assert accepted > 0 and xd.stats["proposed"] > 0
+        assert xd.footprint()["cache_entries"] == len(xd.translator.cache)
+    finally:
+        xd.close()
+
+
+def test_intersection_sampling_is_lossless(qwen, smol_path):
+    """q from the real drafter (the intersection rule) with the real target's p: the first token's
+    distribution after rejection sampling equals p; a rule that ignores p fails the same check."""
+    draft = make_backend(smol_path, n_ctx=512)
+    xd = CrossVocabDrafter(draft, qwen)
+    try:
+        prompt = qwen.tokenize("My favourite fruit is the")
+        qwen.truncate(0)
+        logits = qwen.prefill(prompt[:-1]).logits[0]
+        ctx = DraftContext(prompt[:-1], prompt[-1], None, logits, sampling=True)
+        tree = xd.propose(ctx, TreeShape(1, 1, 4))
+        q = tree.q[0]
+        assert abs(q.sum() - 1) < 1e-6 and q[tree.tokens[0]] > 0
+        shared = set(xd.translator.direct[xd.translator.direct >= 0].tolist())
+        assert set(np.flatnonzero(q).tolist()) <= shared  # only tokens both vocabularies spell
+        row = qwen.forward([prompt[-1]], [-1]).logits[0]
+        qwen.truncate(0)
+    finally:
+        xd.close()
+    sp = SamplingParams(temperature=1.0, top_k=12)
+    target_logits = np.stack([row, row])
+    p = probs(row, sp)
+    rng = np.random.default_rng(0)
+    n = 20000
+
+    def freqs(rule):
+        counts = {}
+        for _ in range(n):
+            x = int(rng.choice(len(q), p=q))
+            t = type(tree)([x], [-1], [q])
+            acc, nxt = rule(t, target_logits, sp, rng)
+            first = x if acc else nxt
+            counts[first] = counts.get(first, 0) + 1
+        return counts
+
+    def tv(counts):
+        keys = set(counts) | set(np.flatnonzero(p).tolist())
+        return 0.5 * sum(abs(counts.get(k, 0) / n - p[k]) for k in keys)
+
+    assert tv(freqs(accept_sampling)) < 0.02
+    assert tv(freqs(lambda t, lg, s, r: ([0], 0))) > 0.1  # always accept the draft: not lossless
