@@ -26,23 +26,30 @@ def in_child(func: str, *args: str):
     return json.loads(r.stdout)
 
 
-def _tensor_location(path: str, name: str) -> dict:
+def _tensor_locations(path: str, *names: str) -> dict:
     from gguf import GGUFReader
 
-    for t in GGUFReader(path).tensors:
-        if t.name == name:
-            return {"offset": int(t.data_offset), "type": int(t.tensor_type), "shape": [int(x) for x in t.shape],
-                    "n_bytes": int(t.n_bytes)}
-    raise KeyError(f"no tensor {name!r} in {path}")
+    out = {t.name: {"offset": int(t.data_offset), "type": int(t.tensor_type), "shape": [int(x) for x in t.shape],
+                    "n_bytes": int(t.n_bytes)} for t in GGUFReader(path).tensors if t.name in names}
+    missing = set(names) - set(out)
+    if missing:
+        raise KeyError(f"no tensor {sorted(missing)} in {path}")
+    return out
+
+
+def tensor_rows(path: str | Path, *names: str) -> list[TensorRows]:
+    """``TensorRows`` for several tensors of one file, with a single header read."""
+    locs = in_child("edgespec.backends.gguf_file:_tensor_locations", str(path), *names)
+    return [TensorRows(path, n, locs[n]) for n in names]
 
 
 class TensorRows:
     """Rows of a 2-D GGUF tensor (e.g. ``token_embd.weight``: one row per token), dequantized on demand."""
 
-    def __init__(self, path: str | Path, name: str):
+    def __init__(self, path: str | Path, name: str, loc: dict | None = None):
         from gguf import GGMLQuantizationType
 
-        loc = in_child("edgespec.backends.gguf_file:_tensor_location", str(path), name)
+        loc = loc or in_child("edgespec.backends.gguf_file:_tensor_locations", str(path), name)[name]
         self.qtype = GGMLQuantizationType(loc["type"])
         self.n_cols, self.n_rows = loc["shape"]  # GGUF lists the fastest-varying dimension first
         self.row_bytes = loc["n_bytes"] // self.n_rows

@@ -227,24 +227,26 @@ class LlamaCppBackend:
         """Evaluate ``tokens`` in n_batch chunks and return the last position's outputs.
 
         With embeddings on, llama.cpp outputs every row of a batch (and runs the LM head on all of
-        them), so prefill runs with embeddings off and yields logits only (``hidden`` is None); this is
-        also exactly how llama-cpp-python prefills. ``want_hidden`` decodes the last token on its own,
-        with embeddings on, to get its hidden state too.
+        them), so the bulk runs with embeddings off. The last token is always decoded on its own (with
+        embeddings on when ``want_hidden``): llama.cpp picks other matmul kernels for large batches, so
+        a last token evaluated inside a chunk would leave a slightly different KV entry and logits than
+        one evaluated alone, and plain and hidden-state runs could then part at a near-tie.
         """
         if not tokens:
             raise BackendError("prefill needs at least one token")
         self._drop_pending()
         self._room(len(tokens))
-        bulk = tokens[:-1] if want_hidden else tokens
+        bulk = tokens[:-1]
         lc.llama_set_embeddings(self._ctx, False)
         try:
             for start in range(0, len(bulk), self.n_batch):
                 chunk = bulk[start:start + self.n_batch]
                 p0 = len(self.cached)
-                last = not want_hidden and start + len(chunk) == len(bulk)
-                self._decode(chunk, list(range(p0, p0 + len(chunk))), [[0]] * len(chunk),
-                             [last and i == len(chunk) - 1 for i in range(len(chunk))])
+                self._decode(chunk, list(range(p0, p0 + len(chunk))), [[0]] * len(chunk), [False] * len(chunk))
                 self.cached.extend(chunk)
+            lc.llama_set_embeddings(self._ctx, want_hidden)
+            self._decode([tokens[-1]], [len(self.cached)], [[0]], [True])
+            self.cached.append(tokens[-1])
         finally:
             lc.llama_set_embeddings(self._ctx, True)
         self.n_prefilled += len(tokens)
@@ -252,8 +254,6 @@ class LlamaCppBackend:
             V = self.info.n_vocab
             row = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, -1), shape=(V,))
             return ForwardOut(logits=row.reshape(1, V).copy(), hidden=None)
-        self._decode([tokens[-1]], [len(self.cached)], [[0]], [True])
-        self.cached.append(tokens[-1])
         return self._outputs(1)
 
     def forward(self, tokens: list[int], parents: list[int]) -> ForwardOut:

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgespec.memory.footprint import Footprint, MiB, ModelShape, read_shape, run_footprint
+from edgespec.memory.footprint import Footprint, ModelShape, read_shape, run_footprint
 
 SAFETY = 0.05
 KV_ORDER = ("f16", "q8_0", "q4_0")
@@ -24,12 +24,13 @@ SPEC_TREE_NODES = 4  # verify nodes planned for (the live guard caps the tree to
 
 
 def drafter_bytes(draft: str | None, weights=None) -> int:
-    """Declared memory of a drafter: the n-gram index, or a ReDrafter head (fp32 params + its input
-    table, about 2.6x its fp16 file) plus the output rows its shortlist touches."""
+    """Declared memory of a drafter: the n-gram index, or a ReDrafter head (``redrafter.declared_bytes``)."""
     if not draft:
         return 0
     if draft.startswith("redrafter") and weights is not None:
-        return int(Path(weights).stat().st_size * 2.6) + 8 * MiB
+        from edgespec.models.redrafter import declared_bytes
+
+        return declared_bytes(Path(weights))
     return NGRAM_BYTES
 
 

@@ -153,6 +153,7 @@ class CrossVocabDrafter:
     """A draft model with its own vocabulary drafting a chain of target tokens (see the module docstring)."""
 
     name = "cross-vocab"
+    self_gating = True  # predicts acceptance from its own top-1 probabilities
 
     def __init__(self, draft: Backend, target: Backend, capacity: int = 50_000, seed: int = 0):
         self.draft = DraftModelDrafter(draft)
@@ -180,19 +181,32 @@ class CrossVocabDrafter:
             return DraftTree()
         if ctx.sampling:
             return self._propose_sampled(prefix, depth)
+        # adaptive length: draft while the path probability (product of the draft's top-1 probabilities)
+        # can still pay for a node, then keep the translated tokens that do (TreeShape.worth)
+        floor = min(shape.node_cost) if shape.node_cost else 0.0
         logits = self.draft.sync(prefix)
         drafted: list[int] = []
+        path: list[float] = []  # path probability after each draft token
+        prob = 1.0
         for _ in range(2 * depth):  # draft tokens are often shorter than target tokens
             tok = int(np.argmax(logits))
-            if tok in self.eog:
+            z = logits - logits[tok]
+            prob *= 1.0 / float(np.exp(z).sum())
+            if tok in self.eog or prob < floor:
                 break
             drafted.append(tok)
+            path.append(prob)
             if len(drafted) < 2 * depth:
                 logits = self._advance(tok)
-        pairs = self.translator.translate(drafted)[:depth]
-        self.stats["proposed"] += len(pairs)
-        self.stats["merged"] += sum(1 for _, n in pairs if n > 1)
-        toks = [t for t, _ in pairs]
+        toks: list[int] = []
+        used = 0
+        for t, n in self.translator.translate(drafted):
+            used += n
+            if len(toks) >= depth or not shape.worth(path[max(used, 1) - 1], len(toks)):
+                break
+            toks.append(t)
+            self.stats["merged"] += n > 1
+        self.stats["proposed"] += len(toks)
         return DraftTree(toks, [-1] + list(range(len(toks) - 1)))
 
     def _advance(self, tok: int) -> np.ndarray:

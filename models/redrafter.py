@@ -118,6 +118,16 @@ def load(path: Path) -> tuple[ReDrafterConfig, np.ndarray, dict[str, np.ndarray]
     return ReDrafterConfig(**meta["config"]), vocab, {k: v.astype(np.float32) for k, v in arrays.items()}
 
 
+def declared_bytes(path: Path) -> int:
+    """Resident bytes of a loaded drafter, from its file alone: fp32 parameters, the projected input table
+    and the fp16 output rows of the draft vocabulary, plus 8 MiB of working buffers."""
+    with np.load(path) as z:
+        cfg = json.loads(str(z["meta"]))["config"]
+        n_params = sum(z[k].size for k in z.files if k not in ("meta", "vocab"))
+        n_draft = z["vocab"].size
+    return 4 * n_params + n_draft * (4 * cfg["d_rnn"] + 2 * cfg["n_embd"]) + (8 << 20)
+
+
 def _digest(arrays: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for k in sorted(arrays):
@@ -137,12 +147,12 @@ class ReDrafter:
     default_width = 3  # beams w
 
     def __init__(self, weights: Path, target_gguf: Path, xp=np):
-        from edgespec.backends.gguf_file import TensorRows
+        from edgespec.backends.gguf_file import tensor_rows
 
         self.cfg, vocab, params = load(weights)
         self.xp = xp
         self.vocab = vocab.astype(np.int64)
-        self.emb = TensorRows(target_gguf, "token_embd.weight")
+        self.emb, out_rows = tensor_rows(target_gguf, "token_embd.weight", "output.weight")
         if (self.emb.n_rows, self.emb.n_cols) != (self.cfg.n_vocab, self.cfg.n_embd):
             raise ValueError(f"{weights.name} was trained for a target with vocab {self.cfg.n_vocab} and "
                              f"hidden size {self.cfg.n_embd}, not {self.emb.n_rows} x {self.emb.n_cols}")
@@ -150,7 +160,9 @@ class ReDrafter:
         # projected input embeddings of the draft vocabulary, computed once (rows read from the GGUF)
         self.e_draft = np.concatenate([self.emb(self.vocab[i:i + 4096]) @ self.w_e
                                        for i in range(0, len(self.vocab), 4096)])
-        self.out_rows = TensorRows(target_gguf, "output.weight")
+        # the target's output rows of the draft vocabulary, dequantized once to fp16 (for exact rescoring)
+        self.head = np.concatenate([out_rows(self.vocab[i:i + 4096]).astype(np.float16)
+                                    for i in range(0, len(self.vocab), 4096)])
         self.draft_of = np.full(self.cfg.n_vocab, -1, np.int64)  # target id -> draft id
         self.draft_of[self.vocab] = np.arange(len(self.vocab))
         self.set_params(params)
@@ -174,12 +186,14 @@ class ReDrafter:
         approx = (x @ p["head_a"]) @ p["head_b"] + p["bias"]
         short = np.argpartition(-approx, m - 1, axis=1)[:, :m]
         ids, inv = np.unique(short, return_inverse=True)
-        rows = self.out_rows(self.vocab[ids])  # [u, n_embd]
+        rows = self.head[ids].astype(np.float32)  # [u, n_embd]
         exact = np.take_along_axis(x @ rows.T, inv.reshape(short.shape), axis=1) + p["bias"][short]
         return short, log_softmax(exact)
 
-    def beams(self, hidden: np.ndarray, root: int, width: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-        """Beam search: ([w, L] target token ids, [w, L] cumulative draft log-probs)."""
+    def beams(self, hidden: np.ndarray, root: int, width: int, length: int,
+              floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """Beam search: ([w, L'] target token ids, [w, L'] cumulative draft log-probs). Adaptive length: it
+        stops early (L' < L) once even the best beam's calibrated path probability is below ``floor``."""
         xp = self.xp
         h = hidden_part(self.p_np, (hidden.astype(np.float32) * self.cfg.h_scale)[None])
         e = self.emb([root]) @ self.w_e
@@ -204,6 +218,8 @@ class ReDrafter:
             seqs = np.concatenate([seqs[b], t[:, None]], axis=1)
             cum = np.concatenate([cum[b], score[:, None]], axis=1)
             s, e = s[b], self.e_draft[t]
+            if floor > 0 and self._calibrated(float(np.exp(score[0])), seqs.shape[1] - 1) < floor:
+                break
         return self.vocab[seqs], cum
 
     def propose(self, ctx: DraftContext, shape: TreeShape) -> DraftTree:
@@ -211,7 +227,8 @@ class ReDrafter:
             return DraftTree()
         if self.adapter is not None:
             self.adapter.before_draft(ctx.hidden, ctx.root)
-        toks, cum = self.beams(ctx.hidden, ctx.root, max(shape.width, 1), shape.depth)
+        floor = min(shape.node_cost) if shape.node_cost else 0.0  # no node is worth less than the cheapest
+        toks, cum = self.beams(ctx.hidden, ctx.root, max(shape.width, 1), shape.depth, floor)
         # every distinct prefix is a candidate node, with its calibrated path probability (never above its
         # parent's, so best-first selection always keeps parents before children)
         cands: dict[tuple[int, ...], float] = {}
@@ -253,7 +270,8 @@ class ReDrafter:
         self._last = None
 
     def footprint(self) -> dict[str, int]:
-        b = 4 * self.n_params + self.e_draft.nbytes + (self.adapter.footprint() if self.adapter else 0)
+        b = 4 * self.n_params + self.e_draft.nbytes + self.head.nbytes
+        b += self.adapter.footprint() if self.adapter else 0
         return {"now": b, "max": b}
 
     def close(self) -> None:
