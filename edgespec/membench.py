@@ -110,7 +110,8 @@ def main(args) -> int:
     bar.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    failures = [n for n, r in results.items() if r.get("budget") and r.get("peak_rss", 0) > r["budget"]]
+    failures = [n for n, r in results.items()  # a refusal happens before loading: not a run over budget
+                if r.get("budget") and "refused" not in r and r.get("peak_rss", 0) > r["budget"]]
     failures += [n for n, r in results.items() if "error" in r]
     meta = {"model": args.model, "draft": draft, "n": args.n, "max_tokens": args.max_tokens,
             "chat_tokens": args.chat_tokens, "threads": args.threads, "n_ctx": args.n_ctx}

@@ -17,25 +17,29 @@ TIGHT_RUN = """
 import json, sys
 from edgespec.runtime import load
 from edgespec.memory.live import peak_rss_bytes
-rt = load(sys.argv[1], n_ctx=4096, n_threads=2, draft="ngram", memory_budget=int(sys.argv[2]))
+rt = load(sys.argv[1], n_ctx=1024, n_threads=2, draft="ngram", memory_budget=int(sys.argv[2]))
 sess = rt.session(system="You are terse.")
-for i in range(12):
+after = 0
+for i in range(60):  # until the context has overflowed a few times
     list(sess.send(f"Turn {i}: write a Python function number {i} that adds {i} to a list of numbers.", max_tokens=48))
+    after += sess.dropped > 0
+    if after >= 4:
+        break
 print(json.dumps({"peak": peak_rss_bytes(), "n_ctx": rt.backend.n_ctx, "kv": rt.backend.kv_type,
                   "dropped": sess.dropped, "draft": rt.drafter.name if rt.drafter else None,
                   "memory": rt.memory_stats()}))
 """
 
 
-def test_tight_budget_multi_turn_chat_stays_under(qwen_path):
-    shape = read_shape(qwen_path)
-    # room for a 512-token context with speculation, not for the 4096 asked for
-    budget = int(run_footprint(shape, 512, "f16", 128, 4, NGRAM_BYTES).total / (1 - SAFETY) * 1.03)
-    r = subprocess.run([sys.executable, "-c", TIGHT_RUN, str(qwen_path), str(budget)], capture_output=True,
+def test_tight_budget_multi_turn_chat_stays_under(smol_path):
+    shape = read_shape(smol_path)
+    # room for a 512-token context with speculation, not for the 1024 asked for
+    budget = int(run_footprint(shape, 512, "f16", 128, 4, NGRAM_BYTES).total / (1 - SAFETY) * 1.005)
+    r = subprocess.run([sys.executable, "-c", TIGHT_RUN, str(smol_path), str(budget)], capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["n_ctx"] < 4096 or out["kv"] != "f16"  # the planner shrank the run to fit
+    assert out["n_ctx"] < 1024 or out["kv"] != "f16"  # the planner shrank the run to fit
     assert out["dropped"] > 0  # the conversation outgrew the context and the policy dropped old turns
     assert out["peak"] <= budget, (out["peak"] / 2**20, budget / 2**20)
     assert out["memory"]["budget"] == budget and out["memory"]["peak_rss"] <= budget
@@ -47,8 +51,8 @@ def test_budget_below_the_bound_is_refused_at_once(smol_path):
 
 
 def test_guard_shrinks_the_tree_then_stops_drafting(smol):
-    g = MemoryGuard(budget=int((rss_bytes() + 10 * (1 << 20)) / 0.95), node_bytes=4 << 20)
-    assert 0 < g.node_cap(16) < 16 and g.shrinks == 1  # ~10 MiB of headroom: about two 4 MiB nodes
+    g = MemoryGuard(budget=int((rss_bytes() + 224 * (1 << 20)) / 0.95), node_bytes=64 << 20)
+    assert g.node_cap(16) == 2 and g.shrinks == 1  # 3.5 nodes of headroom: the root's row and two nodes
     g = MemoryGuard(budget=rss_bytes() // 2, node_bytes=1 << 20)
     assert g.node_cap(16) == 0 and g.stops == 1
     # in a run: no headroom means plain decoding, with the same output

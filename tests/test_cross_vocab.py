@@ -106,7 +106,7 @@ def test_intersection_sampling_is_lossless(qwen, smol_path):
     target_logits = np.stack([row, row])
     p = probs(row, sp)
     rng = np.random.default_rng(0)
-    n = 20000
+    n = 8000  # TV sampling noise over 12 tokens at this n is about 0.015
 
     def freqs(rule):
         counts = {}
@@ -122,5 +122,5 @@ def test_intersection_sampling_is_lossless(qwen, smol_path):
         keys = set(counts) | set(np.flatnonzero(p).tolist())
         return 0.5 * sum(abs(counts.get(k, 0) / n - p[k]) for k in keys)
 
-    assert tv(freqs(accept_sampling)) < 0.02
+    assert tv(freqs(accept_sampling)) < 0.035
     assert tv(freqs(lambda t, lg, s, r: ([0], 0))) > 0.1  # always accept the draft: not lossless
