@@ -216,7 +216,7 @@ def cmd_drafter(a: argparse.Namespace) -> int:
 
     targets = [a.target] if a.target else list(registry.MODELS)
     for t in targets:
-        p = state_path(registry.cache_dir(), Path(t).stem)
+        p = state_path(registry.cache_dir(), registry.model_key(t))
         if p.exists():
             p.unlink()
             print(f"removed the adapted drafter state for {t} ({p})")

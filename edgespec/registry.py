@@ -188,6 +188,12 @@ def _write_stamp(spec: ModelSpec, path: Path) -> None:
     _stamp(path).write_text(f"{spec.sha256} {st.st_size} {st.st_mtime_ns}\n")
 
 
+def model_key(model: str | os.PathLike) -> str:
+    """A model's short name for per-model files: the registry id, or a GGUF file's name without ``.gguf``."""
+    name = os.path.basename(str(model))
+    return name[:-len(".gguf")] if name.endswith(".gguf") else name
+
+
 def get_spec(model_id: str) -> ModelSpec:
     if model_id not in MODELS:
         raise ModelError(f"Unknown model id '{model_id}'. Known ids: {', '.join(MODELS)}; "

@@ -117,16 +117,16 @@ def redrafter_weights(model: str) -> Path | None:
     the ones shipped with edgespec."""
     from edgespec.models import redrafter
 
-    name = redrafter.weights_path(Path(str(model)).stem).name
+    name = redrafter.weights_path(registry.model_key(model)).name
     user = registry.cache_dir() / "drafters" / name
-    return user if user.exists() else redrafter.shipped(Path(str(model)).stem)
+    return user if user.exists() else redrafter.shipped(registry.model_key(model))
 
 
 def with_adapter(cls, weights: Path, target_path: Path, model: str):
     """A ReDrafter that adapts online, starting from this user's adapted state when a valid one exists."""
     from edgespec.models.online import OnlineAdapter, state_path
 
-    state = state_path(registry.cache_dir(), Path(str(model)).stem)
+    state = state_path(registry.cache_dir(), registry.model_key(model))
     drafter = None
     if state.exists():
         try:

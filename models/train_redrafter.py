@@ -325,8 +325,8 @@ def pipeline(target: str, out: Path, tc: TrainConfig, segments: int = 320, self_
     cc = CollectConfig(segments=segments, self_distill=self_distill)
     backend = LlamaCppBackend(gguf, n_ctx=cc.seg_len + 8, n_batch=cc.seg_len, n_threads=threads)
     try:
-        shards = collect(backend, registry.cache_dir() / "distill" / Path(target).stem, cc)
+        shards = collect(backend, registry.cache_dir() / "distill" / registry.model_key(target), cc)
     finally:
         backend.close()
     meta = {"segments": segments + self_distill, "seg_len": cc.seg_len, "self_segments": self_distill}
-    return run(Path(target).stem, gguf, shards, out, tc, meta)
+    return run(registry.model_key(target), gguf, shards, out, tc, meta)
