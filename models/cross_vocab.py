@@ -207,7 +207,7 @@ class CrossVocabDrafter:
             toks.append(t)
             self.stats["merged"] += n > 1
         self.stats["proposed"] += len(toks)
-        return DraftTree(toks, [-1] + list(range(len(toks) - 1)))
+        return DraftTree(toks, list(range(-1, len(toks) - 1)))
 
     def _advance(self, tok: int) -> np.ndarray:
         out = self.backend.forward([tok], [-1])
@@ -230,7 +230,7 @@ class CrossVocabDrafter:
             qs.append(q)
             if d + 1 < depth:
                 logits = self._advance(tok)
-        return DraftTree(toks, [-1] + list(range(len(toks) - 1)), qs)
+        return DraftTree(toks, list(range(-1, len(toks) - 1)), qs)
 
     def observe(self, result: VerifyResult) -> None:
         pass  # the cache learns from committed text in DraftText.update
