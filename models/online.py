@@ -139,17 +139,18 @@ class OnlineAdapter:
         hx = redrafter.hidden_part(p, torch.from_numpy(h * d.cfg.h_scale))
         s = torch.zeros(len(h), d.cfg.d_rnn)
         total, count = 0.0, 0
+        rows = np.arange(len(h))  # examples whose chain reaches this depth (a chain that ends stays ended)
         for j in range(self.depth):
-            valid = toks[:, j] >= 0
-            if not valid.any():
+            keep = toks[rows, j] >= 0
+            if not keep.any():
                 break
-            e = torch.from_numpy(d.emb(np.where(valid, toks[:, j], 0)) @ d.w_e)
+            sel = torch.from_numpy(np.flatnonzero(keep))
+            rows, hx, s = rows[keep], hx[sel], s[sel]
+            e = torch.from_numpy(d.emb(toks[rows, j]) @ d.w_e)
             s, x = redrafter.step(p, d.cfg.n_blocks, hx, e, s, torch)
             logq = torch.log_softmax((x @ p["head_a"]) @ p["head_b"] + p["bias"], dim=-1)
-            kl = distill_kl(torch, logq, d.draft_of[ids[:, j]], lp[:, j])
-            mask = torch.from_numpy(valid.astype(np.float32))
-            total = total + (kl * mask).sum()
-            count += int(valid.sum())
+            total = total + distill_kl(torch, logq, d.draft_of[ids[rows, j]], lp[rows, j]).sum()
+            count += len(rows)
         return total / max(count, 1)
 
     # ---- background thread and persistence ---------------------------------------------------------

@@ -79,6 +79,9 @@ def test_cross_vocab_greedy_is_exact(qwen, smol_path):
             accepted += st.accepted
         assert accepted > 0 and xd.stats["proposed"] > 0
         assert xd.footprint()["cache_entries"] == len(xd.translator.cache)
+        # a node no path can pay for: nothing is drafted, and the empty tree is well formed
+        empty = xd.propose(DraftContext(prompt, prompt[-1], None, None), TreeShape(3, 1, 8, node_cost=(2.0,) * 8))
+        assert empty.tokens == [] and empty.parents == []
     finally:
         xd.close()
 

@@ -52,7 +52,7 @@ def test_collected_data_is_the_targets(qwen, tiny_data):
     out = qwen.prefill(seg[:10])
     qwen.truncate(0)
     assert int(np.argmax(out.logits[0])) == int(d.top_ids[0, 9, 0])  # top-1 at position 9 is the target's argmax
-    probs = np.exp(d.top_logp.astype(np.float32)).sum(-1)
+    probs = np.exp(d.top_logp.astype(np.float32)).sum(-1)[d.tokens >= 0]  # padding excluded
     assert np.all(probs <= 1.01) and np.median(probs) > 0.5  # true log-probs, not renormalized
 
 
@@ -69,7 +69,7 @@ def test_beams_pack_into_a_deduplicated_gated_tree(tiny_drafter, qwen_path):
     rd = ReDrafter(tiny_drafter["path"], qwen_path)
     beams = np.array([[5, 6, 7], [5, 6, 8], [5, 9, 10], [11, 12, 13]])
     lp = np.log(np.array([[0.9, 0.8, 0.7], [0.9, 0.8, 0.05], [0.9, 0.1, 0.09], [0.05, 0.04, 0.03]]))
-    rd.beams = lambda h, root, w, L: (beams, lp)
+    rd.beams = lambda h, root, w, L, floor=0.0: (beams, lp)
     ctx = DraftContext([], 1, np.zeros(rd.cfg.n_embd, np.float32), None)
     tree = rd.propose(ctx, TreeShape(3, 4, 16))  # no costs: every distinct prefix
     assert len(tree) == 9 and tree.parents[:3] == [-1, 0, 1]
@@ -124,11 +124,11 @@ def test_bad_weights_files_are_refused(tiny_drafter, qwen_path, smol_path, tmp_p
     params["bias"][0] += 1.0
     redrafter.save(bad, cfg, vocab, params)
     raw = bytearray(bad.read_bytes())
-    raw[-200] ^= 0xFF  # flip a byte inside the arrays
+    raw[len(raw) // 2] ^= 0xFF  # flip a byte inside the arrays
     bad.write_bytes(bytes(raw))
     with pytest.raises(ValueError):
         ReDrafter(bad, qwen_path)
-    with pytest.raises(ValueError, match="trained for a target"):
+    with pytest.raises(ValueError, match="trained for a target|no tensor"):
         ReDrafter(tiny_drafter["path"], smol_path)  # another model's vocabulary
 
 
@@ -142,7 +142,7 @@ def test_online_adaptation_learns_and_survives_an_interrupted_save(qwen, qwen_pa
 
     rd = ReDrafter(tiny_drafter["path"], qwen_path)
     state = tmp_path / "adapted.npz"
-    rd.adapter = OnlineAdapter(rd, OnlineConfig(min_new=4, steps=30, batch=16, lr=1e-2), path=state)
+    rd.adapter = OnlineAdapter(rd, OnlineConfig(min_new=4, steps=30, batch=16, lr=3e-3), path=state)
     for text in PROMPTS:
         plain, _ = _generate(qwen, qwen.tokenize(text))
         spec, _ = _generate(qwen, qwen.tokenize(text), rd)
