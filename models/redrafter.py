@@ -161,11 +161,11 @@ class ReDrafter:
                              f"hidden size {self.cfg.n_embd}, not {self.emb.n_rows} x {self.emb.n_cols}")
         self.w_e = params["w_e"] * self.cfg.e_scale
         # projected input embeddings of the draft vocabulary, computed once (rows read from the GGUF)
-        self.e_draft = np.concatenate([self.emb(self.vocab[i:i + 4096]) @ self.w_e
-                                       for i in range(0, len(self.vocab), 4096)])
+        self.e_draft = np.concatenate([self.emb(self.vocab[i:i + 512]) @ self.w_e
+                                       for i in range(0, len(self.vocab), 512)])
         # the target's output rows of the draft vocabulary, dequantized once to fp16 (for exact rescoring)
-        self.head = np.concatenate([out_rows(self.vocab[i:i + 4096]).astype(np.float16)
-                                    for i in range(0, len(self.vocab), 4096)])
+        self.head = np.concatenate([out_rows(self.vocab[i:i + 512]).astype(np.float16)
+                                    for i in range(0, len(self.vocab), 512)])
         self.draft_of = np.full(self.cfg.n_vocab, -1, np.int64)  # target id -> draft id
         self.draft_of[self.vocab] = np.arange(len(self.vocab))
         self.set_params(params)
