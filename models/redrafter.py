@@ -91,10 +91,15 @@ def save(path: Path, cfg: ReDrafterConfig, vocab: np.ndarray, params: dict[str, 
     arrays = {k: np.asarray(v, np.float16) for k, v in params.items()}
     arrays["vocab"] = np.asarray(vocab, np.int32)
     meta = {"config": asdict(cfg), "version": FORMAT_VERSION, "sha256": _digest(arrays)}
+    save_npz_atomic(path, {"meta": np.array(json.dumps(meta)), **arrays})
+
+
+def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write an .npz so that a crash leaves either the old file or the new one: temp file, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+        np.savez(f, **arrays)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -171,7 +176,6 @@ class ReDrafter:
         self.set_params(params)
         self.adapter = None  # an online.OnlineAdapter, when adaptation is on
         self.n_params = sum(v.size for v in params.values())
-        self.weights = weights
         self.calib_pred = np.ones(16)  # per depth: decayed sums of predicted path probability ...
         self.calib_hit = np.ones(16)  # ... and of paths the target accepted
         self._last: tuple[DraftTree, list[float]] | None = None
