@@ -69,6 +69,9 @@ class Backend(Protocol):
     info: ModelInfo
     n_ctx: int
     cached: list[int]  # tokens committed to the cache, in order
+    # The largest verify batch whose rows equal single-token decoding bit for bit (None: no known limit).
+    # The controller keeps trees within it so that greedy speculation equals plain decoding exactly.
+    exact_rows: int | None
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]: ...
 

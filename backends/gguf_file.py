@@ -2,13 +2,15 @@
 
 ``gguf.GGUFReader`` leaves most of the file resident while it parses (measured: +490 MiB RSS for the
 491 MB qwen2.5-coder-0.5b file), which a memory budget cannot afford, so header queries run in a
-short-lived child process. Tensor rows are then read through a memory map and dequantized one slice at
-a time, which touches only the pages of those rows.
+short-lived child process. Tensor rows are then read with ``os.pread`` and dequantized one slice at a
+time: unlike pages of a memory map, which stay in the process's RSS once touched (a drafter that reads
+one embedding row per step would slowly map the whole table), read bytes live only in the page cache.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +55,31 @@ class TensorRows:
         self.qtype = GGMLQuantizationType(loc["type"])
         self.n_cols, self.n_rows = loc["shape"]  # GGUF lists the fastest-varying dimension first
         self.row_bytes = loc["n_bytes"] // self.n_rows
-        self._data = np.memmap(path, np.uint8, "r", offset=loc["offset"], shape=(self.n_rows, self.row_bytes))
+        self.offset = loc["offset"]
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+    def raw(self, rows: np.ndarray) -> np.ndarray:
+        """The quantized bytes of ``rows``, [len(rows), row_bytes] (one read per run of consecutive rows)."""
+        out = np.empty((len(rows), self.row_bytes), np.uint8)
+        i = 0
+        while i < len(rows):
+            j = i + 1
+            while j < len(rows) and rows[j] == rows[j - 1] + 1:
+                j += 1
+            if rows[i] < 0 or rows[j - 1] >= self.n_rows:
+                raise IndexError(f"rows {rows[i]}..{rows[j - 1]} out of range for {self.n_rows} rows")
+            n = (j - i) * self.row_bytes
+            buf = os.pread(self._fd, n, self.offset + int(rows[i]) * self.row_bytes)
+            if len(buf) != n:
+                raise ValueError(f"short read: the GGUF file ends inside row {rows[i]}")
+            out[i:j] = np.frombuffer(buf, np.uint8).reshape(j - i, self.row_bytes)
+            i = j
+        return out
 
     def __call__(self, rows, chunk: int = 2048) -> np.ndarray:
         """float32 rows ``rows`` (any int sequence), [len(rows), n_cols]."""
@@ -62,6 +88,6 @@ class TensorRows:
         rows = np.asarray(rows, np.int64)
         out = np.empty((len(rows), self.n_cols), np.float32)
         for i in range(0, len(rows), chunk):
-            raw = np.ascontiguousarray(self._data[rows[i:i + chunk]])
+            raw = self.raw(rows[i:i + chunk])
             out[i:i + chunk] = dequantize(raw, self.qtype).reshape(-1, self.n_cols)
         return out

@@ -28,6 +28,7 @@ from edgespec.backends.base import (
 
 KV_TYPES = {"f16": (lc.GGML_TYPE_F16, 2.0), "q8_0": (lc.GGML_TYPE_Q8_0, 34 / 32), "q4_0": (lc.GGML_TYPE_Q4_0, 18 / 32)}
 
+EXACT_CPU_ROWS = 3
 _LOG: deque[str] = deque(maxlen=50)
 _VERBOSE = bool(os.environ.get("EDGESPEC_VERBOSE"))
 
@@ -142,6 +143,11 @@ class LlamaCppBackend:
         self._piece_cache: dict[int, bytes] = {}
         self.info = self._read_info()
         self.n_prefilled = 0  # tokens evaluated by prefill since load (for cache-reuse stats)
+        # On the CPU a batch of 1-3 rows runs the same matrix-vector kernels as single-token decoding, so
+        # its logits are bit-identical to plain decoding's; from 4 rows on the repacked quantized weights go
+        # through GEMM kernels that round differently (logits move by up to ~0.5), which can flip a near-tie.
+        # GPU builds (Metal, CUDA) switch kernels at other sizes: no cap there, near-ties may part.
+        self.exact_rows = None if lc.llama_supports_gpu_offload() else EXACT_CPU_ROWS
 
     # ---- metadata -------------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:

@@ -168,6 +168,7 @@ class MlxBackend:
     """A GGUF model run by MLX through mlx-lm's model classes, with a tree-capable KV cache."""
 
     name = "mlx"
+    exact_rows = None  # batched and single-token matmuls agree to rounding; near-ties may still part
 
     def __init__(self, path: str | Path, n_ctx: int = 4096, bits: int | str | None = "gguf", n_batch: int = 512,
                  memory_limit: int | None = None, dtype: str | None = None, progress: bool = True):

@@ -144,7 +144,8 @@ class Bench:
         for m in methods:
             if m.kind == "spec":
                 self.drafters[m.name] = make_drafter(m.drafter, self.target, opts, model)
-                self.controllers[m.name] = controller_for(self.drafters[m.name], m.width, m.depth, costs)
+                self.controllers[m.name] = controller_for(self.drafters[m.name], m.width, m.depth, costs,
+                                                          self.target.exact_rows)
             elif m.kind in ("anchor", "llama-python"):
                 from llama_cpp import Llama
                 from llama_cpp.llama_speculative import LlamaPromptLookupDecoding

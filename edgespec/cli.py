@@ -275,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--online", type=int, default=0,
                    help="online-adaptation benchmark instead: stream this many HumanEval prompts with and without "
                         "adapting the ReDrafter head")
+    p.add_argument("--online-depth", type=int, default=4,
+                   help="fixed draft depth of the --online runs, so that tokens/verify measures the drafter itself "
+                        "(0: the cost-aware controller)")
     p.add_argument("--chat-tokens", type=int, default=64, help="tokens per turn of the 10-turn chat (--memory-budgets)")
     p.set_defaults(func=cmd_bench)
 

@@ -95,7 +95,7 @@ class Controller:
             if max_nodes == 0:
                 return TreeShape(0)
         if self.cfg.self_gating and self.cfg.fixed_depth is None:
-            return TreeShape(min(self.cfg.max_depth, room), self.cfg.width, max_nodes, self.node_costs())
+            return TreeShape(min(self.cfg.max_depth, room, max_nodes), self.cfg.width, max_nodes, self.node_costs())
         depth = min(self.best_depth(), room, max_nodes)
         if depth == 0 and self.cfg.fixed_depth is None:
             self._plain_streak += 1
@@ -122,10 +122,12 @@ class Controller:
 
 
 def controller_for(drafter, width: int | None = None, fixed_depth: int | None = None,
-                   costs: dict[int, float] | None = None) -> Controller:
+                   costs: dict[int, float] | None = None, exact_rows: int | None = None) -> Controller:
     """A controller set up for ``drafter``: its own default width/depth, self-gating when it predicts its
-    acceptance, and the verify cost model seeded with ``costs`` (from ``calibrate``)."""
-    cfg = ControllerConfig(max_depth=getattr(drafter, "max_depth", 6),
+    acceptance, and the verify cost model seeded with ``costs`` (from ``calibrate``). ``exact_rows`` (the
+    backend's ``exact_rows``) caps a verify at that many rows, root included, so greedy output stays exact."""
+    max_nodes = ControllerConfig.max_nodes if exact_rows is None else max(exact_rows - 1, 0)
+    cfg = ControllerConfig(max_depth=getattr(drafter, "max_depth", 6), max_nodes=max_nodes,
                            width=width or getattr(drafter, "default_width", 1), fixed_depth=fixed_depth,
                            self_gating=getattr(drafter, "self_gating", False))
     ctl = Controller(cfg)

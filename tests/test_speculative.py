@@ -280,3 +280,18 @@ def test_ngram_gates_nodes_by_cost_and_learns():
         d.observe(VerifyResult(tree, [0, 1, 2], 4))
     assert d.acc_first[3] > 0.95
     assert len(d.propose(ctx, dear)) >= 1
+
+
+def test_controller_keeps_trees_within_the_exact_batch(qwen):
+    """On the CPU, llama.cpp verifies at most ``exact_rows`` rows (root included): every shape the controller
+    hands out, fixed or cost-driven, self-gating or not, fits that, so greedy output stays bit-exact."""
+    from edgespec.controller import controller_for
+
+    assert qwen.exact_rows == 3
+    for drafter, depth in ((NgramDrafter(), None), (NgramDrafter(), 5), (OracleDrafter([], []), 4)):
+        ctl = controller_for(drafter, width=2, fixed_depth=depth, exact_rows=qwen.exact_rows)
+        ctl.accept = [0.99] * len(ctl.accept)  # drafting pays: the controller wants the deepest tree
+        shape = ctl.next_shape(room=100)
+        assert shape.max_nodes == 2 and shape.depth <= 2
+    free = controller_for(OracleDrafter([], []), fixed_depth=4, exact_rows=None).next_shape(room=100)
+    assert free.depth == 4 and free.max_nodes == 16
