@@ -125,12 +125,13 @@ def load(path: Path) -> tuple[ReDrafterConfig, np.ndarray, dict[str, np.ndarray]
 
 def declared_bytes(path: Path) -> int:
     """Resident bytes of a loaded drafter, from its file alone: fp32 parameters, the projected input table
-    and the fp16 output rows of the draft vocabulary, plus 8 MiB of working buffers."""
+    and the fp16 output rows of the draft vocabulary, plus 16 MiB of working buffers and allocator slack
+    (measured on qwen2.5-coder-1.5b: 85 MiB resident after load and 300 drafts, 87 MiB declared)."""
     with np.load(path) as z:
         cfg = json.loads(str(z["meta"]))["config"]
         n_params = sum(z[k].size for k in z.files if k not in ("meta", "vocab"))
         n_draft = z["vocab"].size
-    return 4 * n_params + n_draft * (4 * cfg["d_rnn"] + 2 * cfg["n_embd"]) + (8 << 20)
+    return 4 * n_params + n_draft * (4 * cfg["d_rnn"] + 2 * cfg["n_embd"]) + (16 << 20)
 
 
 def _digest(arrays: dict[str, np.ndarray]) -> str:
@@ -165,12 +166,15 @@ class ReDrafter:
             raise ValueError(f"{weights.name} was trained for a target with vocab {self.cfg.n_vocab} and "
                              f"hidden size {self.cfg.n_embd}, not {self.emb.n_rows} x {self.emb.n_cols}")
         self.w_e = params["w_e"] * self.cfg.e_scale
-        # projected input embeddings of the draft vocabulary, computed once (rows read from the GGUF)
-        self.e_draft = np.concatenate([self.emb(self.vocab[i:i + 512]) @ self.w_e
-                                       for i in range(0, len(self.vocab), 512)])
-        # the target's output rows of the draft vocabulary, dequantized once to fp16 (for exact rescoring)
-        self.head = np.concatenate([out_rows(self.vocab[i:i + 512]).astype(np.float16)
-                                    for i in range(0, len(self.vocab), 512)])
+        # computed once, 512 rows at a time into preallocated arrays (the load peak stays near the steady size):
+        # the projected input embeddings of the draft vocabulary, and the target's output rows of the draft
+        # vocabulary dequantized to fp16 (for exact rescoring)
+        self.e_draft = np.empty((len(self.vocab), self.cfg.d_rnn), np.float32)
+        self.head = np.empty((len(self.vocab), self.cfg.n_embd), np.float16)
+        for i in range(0, len(self.vocab), 512):
+            rows = self.vocab[i:i + 512]
+            self.e_draft[i:i + 512] = self.emb(rows) @ self.w_e
+            self.head[i:i + 512] = out_rows(rows)
         self.draft_of = np.full(self.cfg.n_vocab, -1, np.int64)  # target id -> draft id
         self.draft_of[self.vocab] = np.arange(len(self.vocab))
         self.set_params(params)
