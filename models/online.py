@@ -38,9 +38,9 @@ class OnlineConfig:
     capacity: int = 2048  # examples kept (oldest dropped)
     top_k: int = 8
     min_new: int = 32  # new examples before an update
-    steps: int = 8  # AdamW steps per update
+    steps: int = 16  # AdamW steps per update
     batch: int = 64
-    lr: float = 3e-4
+    lr: float = 1e-3  # the offline training rate
     seed: int = 0
 
 

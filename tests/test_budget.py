@@ -77,3 +77,6 @@ def test_memory_bench_reports_each_budget(smol_path, tmp_path):
     assert "at least" in refused["refused"]
     fitted = [v for k, v in res.items() if k.startswith("plain+15%")][0]
     assert fitted["peak_rss"] <= fitted["budget"] and fitted["scenarios"]["chat"]["tokens"] > 0
+    he = res["ngram (no budget)"]["scenarios"]["humaneval"]
+    assert he["plain_tok_s"] > 0 and he["speedup"] > 0  # its own plain decoding, in the same process
+    assert "speedup" not in res["plain (no budget)"]["scenarios"]["humaneval"]
