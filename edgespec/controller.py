@@ -7,7 +7,9 @@ It keeps running estimates of
 
 For depth L the expected tokens per step are ``1 + sum_{d<=L} prod_{j<=d} a_j`` and the cost is
 ``verify(nodes(L) + 1) + L * draft``. Depth 0 is plain decoding. While depth 0 wins, a short
-probe draft is still tried now and then so that the estimates can recover when the text changes.
+probe draft is still tried now and then so that the estimates can recover when the text changes; the gap
+between probes doubles after each one (up to ``probe_max`` plain steps) while drafting keeps not paying, and
+falls back to ``probe_every`` as soon as it pays, so a drafter that never pays on this hardware costs little.
 
 A self-gating drafter (one that predicts its own acceptance, like the n-gram drafter) gets the
 marginal cost of every extra node instead, and drafts a node only where it expects to gain more
@@ -31,7 +33,8 @@ class ControllerConfig:
     max_nodes: int = 16
     prior_accept: float = 0.6
     alpha: float = 0.15  # EMA weight of a new observation
-    probe_every: int = 16  # plain steps between probes while speculation does not pay
+    probe_every: int = 16  # plain steps between probes while speculation does not pay ...
+    probe_max: int = 256  # ... doubling after each probe up to this
     fixed_depth: int | None = None  # bypass the cost model (benchmarks of a fixed shape)
     self_gating: bool = False  # the drafter predicts its own acceptance and gates each node by cost
 
@@ -44,6 +47,7 @@ class Controller:
     accept: list[float] = field(default_factory=list)
     memory: object | None = None  # a memory.live.MemoryGuard: caps the tree to the memory headroom
     _plain_streak: int = 0
+    _probe_gap: int = 0
 
     def __post_init__(self):
         if not self.accept:
@@ -99,11 +103,15 @@ class Controller:
         depth = min(self.best_depth(), room, max_nodes)
         if depth == 0 and self.cfg.fixed_depth is None:
             self._plain_streak += 1
-            if self._plain_streak >= self.cfg.probe_every and room >= 1:
+            self._probe_gap = self._probe_gap or self.cfg.probe_every
+            if self._plain_streak >= self._probe_gap and room >= 1:
                 self._plain_streak = 0
+                self._probe_gap = min(2 * self._probe_gap, self.cfg.probe_max)
                 depth = 1
         else:
             self._plain_streak = 0
+            if self.cfg.fixed_depth is None:
+                self._probe_gap = 0  # drafting pays: probe often again once it stops paying
         return TreeShape(depth=depth, width=self.cfg.width, max_nodes=max_nodes)
 
     def observe(self, tree: DraftTree, accepted: list[int], draft_s: float, verify_s: float) -> None:

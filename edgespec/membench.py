@@ -180,8 +180,18 @@ def plot(path: Path, meta: dict, results: dict) -> None:
 
     pts = [(r["budget"] / 2**20, r) for r in results.values() if r.get("budget") and "scenarios" in r]
     refs = [r for r in results.values() if not r.get("budget") and "scenarios" in r]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a1, a3, a2) = plt.subplots(1, 3, figsize=(15, 4))
     xs = [x for x, _ in pts]
+    sp = [(x, r["scenarios"]["humaneval"]["speedup"]) for x, r in pts if "speedup" in r["scenarios"]["humaneval"]]
+    a3.plot([x for x, _ in sp], [y for _, y in sp], "o-", label="speculation under budget")
+    free = [r["scenarios"]["humaneval"]["speedup"] for r in refs if "speedup" in r["scenarios"]["humaneval"]]
+    if free:
+        a3.axhline(free[0], linestyle="-.", color="gray", label="speculation, no budget")
+        a3.axhline(0.9 * free[0], linestyle=":", color="red", label="90% of that")
+    a3.axhline(1.0, color="black", linewidth=0.5)
+    a3.set_xlabel("budget (MiB)")
+    a3.set_ylabel("speedup vs plain decoding, same process")
+    a3.legend(fontsize=8)
     a1.plot(xs, [r["scenarios"]["humaneval"]["tok_s"] for _, r in pts], "o-", label="under budget (HumanEval)")
     a1.plot(xs, [r["scenarios"]["chat"]["tok_s"] for _, r in pts], "s--", label="under budget (10-turn chat)")
     for r, style, lab in zip(refs, (":", "-."), ("plain decoding, no budget", "speculation, no budget"), strict=False):

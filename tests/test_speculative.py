@@ -295,3 +295,15 @@ def test_controller_keeps_trees_within_the_exact_batch(qwen):
         assert shape.max_nodes == 2 and shape.depth <= 2
     free = controller_for(OracleDrafter([], []), fixed_depth=4, exact_rows=None).next_shape(room=100)
     assert free.depth == 4 and free.max_nodes == 16
+
+
+def test_probes_back_off_while_drafting_does_not_pay():
+    ctl = Controller(ControllerConfig(max_depth=4, probe_every=16, probe_max=256))
+    ctl.verify_s = {1: 0.03, 2: 0.055, 3: 0.075}
+    ctl.accept = [0.1] * 4
+    probes = [i for i in range(600) if ctl.next_shape(room=100).depth > 0]
+    assert probes == [15, 47, 111, 239, 495]  # gaps of 16, 32, 64, 128, 256 plain steps
+    ctl.accept = [0.99] * 4  # drafting pays again: it drafts, and the probe gap starts over
+    assert ctl.next_shape(room=100).depth > 0
+    ctl.accept = [0.1] * 4
+    assert [i for i in range(40) if ctl.next_shape(room=100).depth > 0] == [15]
