@@ -96,9 +96,9 @@ def _plot(path: Path, meta: dict, res: dict) -> None:
     for k, rows in res.items():
         y = np.array([r["tokens_per_verify"] for r in rows])
         win = max(1, min(10, len(y)))
-        ax.plot(y, alpha=0.25)
-        ax.plot(np.arange(win - 1, len(y)), np.convolve(y, np.ones(win) / win, "valid"), label=f"adaptation {k} "
-                f"(moving mean of {win})")
+        (raw,) = ax.plot(y, alpha=0.25)
+        ax.plot(np.arange(win - 1, len(y)), np.convolve(y, np.ones(win) / win, "valid"), color=raw.get_color(),
+                label=f"adaptation {k} (moving mean of {win})")
     ax.set_xlabel("prompt")
     ax.set_ylabel("tokens per verify")
     ax.set_title(f"{meta['model']}: online adaptation on HumanEval traffic")
