@@ -50,6 +50,7 @@ class Controller:
     _probe_gap: int = 0
 
     def __post_init__(self):
+        self._probe_gap = self.cfg.probe_every
         if not self.accept:
             self.accept = [self.cfg.prior_accept] * self.cfg.max_depth
 
@@ -103,15 +104,13 @@ class Controller:
         depth = min(self.best_depth(), room, max_nodes)
         if depth == 0 and self.cfg.fixed_depth is None:
             self._plain_streak += 1
-            self._probe_gap = self._probe_gap or self.cfg.probe_every
             if self._plain_streak >= self._probe_gap and room >= 1:
                 self._plain_streak = 0
                 self._probe_gap = min(2 * self._probe_gap, self.cfg.probe_max)
                 depth = 1
         else:
             self._plain_streak = 0
-            if self.cfg.fixed_depth is None:
-                self._probe_gap = 0  # drafting pays: probe often again once it stops paying
+            self._probe_gap = self.cfg.probe_every  # drafting pays: probe often again once it stops paying
         return TreeShape(depth=depth, width=self.cfg.width, max_nodes=max_nodes)
 
     def observe(self, tree: DraftTree, accepted: list[int], draft_s: float, verify_s: float) -> None:

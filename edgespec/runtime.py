@@ -191,7 +191,7 @@ class Runtime:
         if drafter is not None and fixed_depth is None:
             costs = calibrate(backend)  # seed the cost model (~1 s)
             backend.truncate(0)
-        self.controller = controller_for(drafter, width, fixed_depth, costs, getattr(backend, "exact_rows", None))
+        self.controller = controller_for(drafter, width, fixed_depth, costs, backend.exact_rows)
         self.plan = None  # the memory plan, when loaded with a budget
 
     # ---- prompts --------------------------------------------------------------------------------
