@@ -89,7 +89,7 @@ def speculative_steps(drafter: Drafter, controller: Controller) -> StepSource:
             else:
                 accepted, nxt = accept_sampling(tree, out.logits, sp, rng)
             backend.commit([0] + [i + 1 for i in accepted])
-            drafter.observe(VerifyResult(tree, accepted, nxt, out.hidden, out.logits))
+            drafter.observe(VerifyResult(tree, accepted, nxt, out.hidden, out.logits, root, hidden))
             controller.observe(tree, accepted, draft_s=t1 - t0, verify_s=t2 - t1)
             _count(stats, tree, accepted, t1 - t0)
             last = accepted[-1] + 1 if accepted else 0

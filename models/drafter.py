@@ -74,6 +74,8 @@ class VerifyResult:
     next_token: int
     hidden: np.ndarray | None = None  # target hidden states of [root] + tree nodes
     logits: np.ndarray | None = None  # target logits of [root] + tree nodes
+    root: int = -1  # the token the tree continued
+    root_hidden: np.ndarray | None = None  # the target hidden state that produced the root
 
 
 class Drafter(Protocol):

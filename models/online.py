@@ -1,14 +1,18 @@
 """Online adaptation of a ReDrafter head on the user's own traffic (in the spirit of OSD, 2310.07177).
 
-Every verify tells what the target wanted: for root r, accepted chain a_1..a_m and the target's next
-token n, the target's distributions at r, a_1, .., a_m are known (its logits rows). ``record`` keeps one
-example per verify: the hidden state the draft started from, the tokens r, a_1.. and the target's top-k
-at each depth, up to the first rejection (the correction the drafter should learn). ``adapt`` takes a few
-AdamW steps of the distillation loss (forward KL, ``train_redrafter.distill_kl``) on the buffer and
-swaps the new weights into the drafter.
+Every verify tells what the target wanted at each position it committed (the root and the accepted
+nodes): its logits row there, and the hidden state that produced the position's token. ``record`` pushes
+each such position; an example is a position's producing hidden state, the next ``depth`` tokens of the
+target's own text and the target's top-k after each (teacher forcing, as in offline distillation). The
+rejections are in it: the position after the last accepted node carries the target's correction, and the
+example starting there runs on past the point the draft failed. ``adapt`` takes a few AdamW steps of the
+distillation loss (forward KL, ``train_redrafter.distill_kl``, depth j weighted ``depth_weight ** j``) on
+the buffer and swaps the new weights into the drafter. (A first version kept one example per verify, cut
+at the first rejection: +0.17 tokens/verify over no adaptation on 80 HumanEval prompts; this one +0.3.)
 
 What is trained: the RNN recurrence, the state-to-x projection, the residual blocks and the output bias
-(``TRAINED``); the input projections and the shared head stay frozen. The loss scores tokens the way the
+(``TRAINED``; the bias, the domain's token prior, at ``bias_lr`` times the rate); the input projections
+and the shared head stay frozen. The loss scores tokens the way the
 drafter does when it drafts: with the target's exact output rows (already resident in the drafter), over
 the target's top-k and the drafter's own current shortlist, so no vocabulary-sized matrix is built. (A
 first version trained through the low-rank shortlist factors instead: its updates lowered acceptance,
@@ -44,7 +48,9 @@ class OnlineConfig:
     steps: int = 16  # AdamW steps per update
     batch: int = 64
     lr: float = 5e-4
-    negatives: int = 16  # the drafter's own top guesses scored next to the target's top-k
+    negatives: int = 64  # the drafter's own top guesses scored next to the target's top-k (its shortlist size)
+    depth_weight: float = 0.6  # loss weight of depth j is depth_weight ** j (a miss at depth 1 ends the chain)
+    bias_lr: float = 30.0  # the output bias (the domain's token prior) learns at bias_lr * lr
     seed: int = 0
 
 
@@ -71,35 +77,54 @@ class OnlineAdapter:
         self._thread: threading.Thread | None = None
         self._p: dict | None = None
         self._opt = None
-        self._hidden: np.ndarray | None = None
-        self._root: int | None = None
+        self._seq: list[tuple] = []  # this request's last positions, waiting for the ones after them
 
     # ---- recording ----------------------------------------------------------------------------
-    def before_draft(self, hidden: np.ndarray | None, root: int) -> None:
-        self._hidden, self._root = hidden, root
-
     def record(self, result: VerifyResult) -> None:
-        if not self.cfg.enabled or self._hidden is None or result.logits is None:
+        """Push every position this verify committed (the root and the accepted nodes): the hidden that
+        produced its token, the token, and the target's top-k for the token after it."""
+        if not self.cfg.enabled or result.logits is None or result.hidden is None:
             return
         tree, acc = result.tree, result.accepted
         rows = [0] + [i + 1 for i in acc]  # logits rows of the root and the accepted nodes
-        toks = [self._root] + [tree.tokens[i] for i in acc]
-        m = min(len(rows), self.depth)
-        with self._lock:
-            i = self.n % self.cfg.capacity
-            self.h[i] = self._hidden
-            self.tokens[i] = -1
-            self.tokens[i, :m] = toks[:m]
-            k = self.cfg.top_k
-            for j in range(m):
-                lg = result.logits[rows[j]]
+        toks = [result.root] + [tree.tokens[i] for i in acc]
+        k = self.cfg.top_k
+        for j, (row, tok) in enumerate(zip(rows, toks, strict=True)):
+            h = result.root_hidden if j == 0 else result.hidden[rows[j - 1]]
+            if h is not None:
+                lg = result.logits[row]
                 ids = np.argpartition(-lg, k)[:k]
                 mx = lg.max()
-                lse = mx + np.log(np.exp(lg - mx).sum())
-                self.top_ids[i, j], self.top_logp[i, j] = ids, lg[ids] - lse
-            self.n += 1
+                self.push(h, tok, ids, lg[ids] - (mx + np.log(np.exp(lg - mx).sum())))
+
+    def push(self, hidden: np.ndarray, token: int, top_ids: np.ndarray, top_logp: np.ndarray) -> None:
+        """Add one generated position. An example is the hidden that produced a position's token and the next
+        ``depth`` positions (inputs and the target's top-k after each): teacher-forced on the target's own
+        text, as in offline distillation. It is stored once those positions are known (or the request ends)."""
+        with self._lock:
+            self._seq.append((hidden, token, top_ids, top_logp))
             self.new += 1
-        self._hidden = None
+            if len(self._seq) == self.depth:
+                self._store(self._seq)
+                self._seq.pop(0)
+
+    def end_request(self) -> None:
+        """Store the examples still waiting for positions (their chains end with the request)."""
+        with self._lock:
+            while self._seq:
+                self._store(self._seq)
+                self._seq.pop(0)
+
+    def _store(self, seq: list) -> None:
+        i = self.n % self.cfg.capacity
+        m = min(len(seq), self.depth)
+        self.h[i] = seq[0][0]
+        self.tokens[i] = -1
+        self.top_logp[i] = -np.inf
+        for j in range(m):
+            self.tokens[i, j] = seq[j][1]
+            self.top_ids[i, j], self.top_logp[i, j] = seq[j][2], seq[j][3]
+        self.n += 1
 
     # ---- training -----------------------------------------------------------------------------
     def pending(self) -> bool:
@@ -111,11 +136,13 @@ class OnlineAdapter:
         from edgespec.models.train_redrafter import distill_kl
 
         torch.set_num_threads(1)
+        self.end_request()
         d, cfg = self.d, self.cfg
         if self._p is None:  # the trainable copy and its optimizer live across updates
-            self._p = {k: torch.from_numpy(v.copy()) for k, v in d.p_np.items()}
-            self._opt = torch.optim.AdamW([self._p[k].requires_grad_() for k in TRAINED if k in self._p],
-                                          lr=cfg.lr, weight_decay=0.0)
+            self._p = {k: torch.from_numpy(v.copy() if k in TRAINED else v) for k, v in d.p_np.items()}
+            groups = [{"params": [self._p[k].requires_grad_()], "lr": cfg.lr * (cfg.bias_lr if k == "bias" else 1.0)}
+                      for k in TRAINED if k in self._p]
+            self._opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
         p = self._p
         rng = np.random.default_rng([cfg.seed, self.updates])
         taken = 0
@@ -153,7 +180,8 @@ class OnlineAdapter:
             e = torch.from_numpy(d.emb(toks[rows, j]) @ d.w_e)
             s, x = redrafter.step(p, d.cfg.n_blocks, hx, e, s, torch)
             logq, cols = self._scores(torch, p, x, d.draft_of[ids[rows, j]])
-            total = total + distill_kl(torch, logq, cols, lp[rows, j]).sum()
+            w = self.cfg.depth_weight ** j
+            total = total + w * distill_kl(torch, logq, cols, lp[rows, j]).sum()
             count += len(rows)
         return total / max(count, 1)
 

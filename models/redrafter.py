@@ -236,8 +236,6 @@ class ReDrafter:
     def propose(self, ctx: DraftContext, shape: TreeShape) -> DraftTree:
         if ctx.hidden is None or shape.depth <= 0 or shape.max_nodes <= 0:
             return DraftTree()
-        if self.adapter is not None:
-            self.adapter.before_draft(ctx.hidden, ctx.root)
         floor = min(shape.node_cost) if shape.node_cost else 0.0  # no node is worth less than the cheapest
         toks, cum = self.beams(ctx.hidden, ctx.root, max(shape.width, 1), shape.depth, floor)
         # every distinct prefix is a candidate node, with its calibrated path probability (never above its
@@ -279,6 +277,8 @@ class ReDrafter:
 
     def reset(self) -> None:
         self._last = None
+        if self.adapter is not None:
+            self.adapter.end_request()
 
     def footprint(self) -> dict[str, int]:
         b = 4 * self.n_params + self.e_draft.nbytes + self.head.nbytes

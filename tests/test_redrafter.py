@@ -176,6 +176,30 @@ def test_online_adaptation_learns_and_survives_an_interrupted_save(qwen, qwen_pa
     ReDrafter(state, qwen_path)  # loads and verifies
 
 
+def test_online_examples_are_the_targets_own_text(qwen, qwen_path, tiny_drafter):
+    """Every committed position becomes one example: the hidden that produced its token, the next tokens of the
+    output and the target's top-k after each (its best is the output's next token: greedy)."""
+    from edgespec.models.online import OnlineAdapter
+
+    rd = ReDrafter(tiny_drafter["path"], qwen_path)
+    rd.adapter = ad = OnlineAdapter(rd)
+    prompt = qwen.tokenize(PROMPTS[0])
+    out, stats = _generate(qwen, prompt, rd)
+    ad.end_request()
+    assert stats.accepted > 0 and len(out) - 1 <= ad.n <= len(out)  # the last token has no verify after it
+    for i in range(ad.n):
+        m = int((ad.tokens[i] >= 0).sum())
+        assert m == min(ad.depth, ad.n - i)
+        assert ad.tokens[i, :m].tolist() == out[i:i + m]
+        best = ad.top_ids[i, np.arange(m), ad.top_logp[i, :m].argmax(1)]
+        nxt = out[i + 1:i + 1 + m]
+        assert best[:len(nxt)].tolist() == nxt
+    for i in (0, ad.n // 2):  # the hidden state that produced out[i]: the last row of a prefill up to it
+        qwen.truncate(0)
+        h = qwen.prefill(prompt + out[:i], want_hidden=True).hidden[-1]
+        assert np.corrcoef(h, ad.h[i].astype(np.float32))[0, 1] > 0.99
+
+
 def test_drafter_reset_command(tmp_path, monkeypatch, tiny_drafter):
     import shutil
 
