@@ -7,17 +7,19 @@ target's own text and the target's top-k after each (teacher forcing, as in offl
 rejections are in it: the position after the last accepted node carries the target's correction, and the
 example starting there runs on past the point the draft failed. ``adapt`` takes a few AdamW steps of the
 distillation loss (forward KL, ``train_redrafter.distill_kl``, depth j weighted ``depth_weight ** j``) on
-the buffer and swaps the new weights into the drafter. (A first version kept one example per verify, cut
-at the first rejection: +0.17 tokens/verify over no adaptation on 80 HumanEval prompts; this one +0.3.)
+the buffer and swaps the new weights into the drafter.
 
-What is trained: the RNN recurrence, the state-to-x projection, the residual blocks and the output bias
-(``TRAINED``; the bias, the domain's token prior, at ``bias_lr`` times the rate); the input projections
-and the shared head stay frozen. The loss scores tokens the way the
-drafter does when it drafts: with the target's exact output rows (already resident in the drafter), over
-the target's top-k and the drafter's own current shortlist, so no vocabulary-sized matrix is built. (A
-first version trained through the low-rank shortlist factors instead: its updates lowered acceptance,
--0.13 tokens/verify against no adaptation over 80 prompts; see BENCHMARKS.md.) Its memory (parameters,
-gradients, two AdamW moments, the buffer) is declared by ``footprint`` and counted by the planner.
+What is trained (``TRAINED``): the RNN recurrence, the state-to-x projection, the residual blocks, the
+output bias (the domain's token prior, at ``bias_lr`` times the rate) and the shortlist factor ``head_b``;
+the input projections, ``head_a`` and the shared output rows stay frozen. The loss scores tokens the way
+the drafter does when it drafts: with the target's exact output rows (already resident in the drafter),
+over the target's top-k and the drafter's own shortlist, so no vocabulary-sized matrix of rows is built.
+The shortlist factors get a loss of their own (KL over the whole draft vocabulary through the rank-r
+factors, its input detached), so that the target's choices rank into the shortlist that gets exact
+scores. Its memory (parameters, gradients, two AdamW moments, the buffer, one step's activations) is
+declared by ``footprint`` and counted by the planner. What each choice measured is in BENCHMARKS.md
+(online adaptation): training the rest through the low-rank factors lowered acceptance; one example per
+verify cut at the first rejection gave a third of the gain.
 
 Never in the user's way: ``adapt`` runs between requests in a background thread (``start``), one small
 step at a time, and yields as soon as a request is running (``busy`` is set by the runtime).
@@ -36,7 +38,7 @@ import numpy as np
 from edgespec.models import redrafter
 from edgespec.models.drafter import VerifyResult
 
-TRAINED = ("u", "b_s", "w_s", "b_x", "w0", "b0", "bias")
+TRAINED = ("u", "b_s", "w_s", "b_x", "w0", "b0", "bias", "head_b")
 
 
 @dataclass
@@ -52,6 +54,7 @@ class OnlineConfig:
     depth_weight: float = 0.6  # loss weight of depth j is depth_weight ** j (a miss at depth 1 ends the chain)
     bias_lr: float = 30.0  # the output bias (the domain's token prior) learns at bias_lr * lr
     seed: int = 0
+    shortlist_loss: float = 0.3  # weight of the shortlist factors' own loss (which tokens get exact scores)
 
 
 def state_path(root: Path, target: str) -> Path:
@@ -182,6 +185,11 @@ class OnlineAdapter:
             logq, cols = self._scores(torch, p, x, d.draft_of[ids[rows, j]])
             w = self.cfg.depth_weight ** j
             total = total + w * distill_kl(torch, logq, cols, lp[rows, j]).sum()
+            # the shortlist factors learn on their own (x and the bias detached): to rank the target's choices
+            # into the top-m that get exact scores, over the whole draft vocabulary (rank r: cheap)
+            approx = (x.detach() @ p["head_a"]) @ p["head_b"] + p["bias"].detach()
+            kl_short = distill_kl(torch, torch.log_softmax(approx, -1), d.draft_of[ids[rows, j]], lp[rows, j])
+            total = total + self.cfg.shortlist_loss * w * kl_short.sum()
             count += len(rows)
         return total / max(count, 1)
 
@@ -219,9 +227,11 @@ class OnlineAdapter:
         redrafter.save(self.path, self.d.cfg, self.d.vocab, self.d.p_np)
 
     def footprint(self) -> int:
-        """Bytes for the buffer, the trained part's parameters, gradients and AdamW moments, and the output rows
-        of one step's candidate set (at most batch x (top-k + negatives) rows, fp32)."""
+        """Bytes for the buffer, the trained part's parameters, gradients and AdamW moments, the output rows of
+        one step's candidate set (at most batch x (top-k + negatives) rows, fp32) and the shortlist loss's
+        draft-vocabulary scores kept for the backward pass."""
         trained = sum(self.d.p_np[k].size for k in TRAINED if k in self.d.p_np) * 4
         buf = self.h.nbytes + self.tokens.nbytes + self.top_ids.nbytes + self.top_logp.nbytes
         rows = self.cfg.batch * (self.cfg.top_k + self.cfg.negatives) * self.d.cfg.n_embd * 4
-        return 4 * trained + buf + rows
+        shortlist = self.depth * 2 * self.cfg.batch * len(self.d.vocab) * 4  # low-rank scores and their log-softmax
+        return 4 * trained + buf + rows + shortlist
