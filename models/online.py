@@ -19,7 +19,7 @@ factors, its input detached), so that the target's choices rank into the shortli
 scores. Its memory (parameters, gradients, two AdamW moments, the buffer, one step's activations) is
 declared by ``footprint`` and counted by the planner. What each choice measured is in BENCHMARKS.md
 (online adaptation): training the rest through the low-rank factors lowered acceptance; one example per
-verify cut at the first rejection gave a third of the gain.
+verify cut at the first rejection gave less than half the gain.
 
 Never in the user's way: ``adapt`` runs between requests in a background thread (``start``), one small
 step at a time, and yields as soon as a request is running (``busy`` is set by the runtime).
