@@ -56,7 +56,7 @@ def test_guard_shrinks_the_tree_then_stops_drafting(smol):
     g = MemoryGuard(budget=rss_bytes() // 2, node_bytes=1 << 20)
     assert g.node_cap(16) == 0 and g.stops == 1
     # in a run: no headroom means plain decoding, with the same output
-    rt = Runtime(smol, "smollm2-135m", NgramDrafter(), fixed_depth=None)
+    rt = Runtime(smol, "smollm2-135m", NgramDrafter(), fixed_depth=2)  # drafts every step, whatever it costs
     prompt = "Numbers: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 1, 2, 3, 4, 5, 6, 7, 8, 9,"
     free = rt.generate(prompt, max_tokens=32)
     rt.controller.memory = MemoryGuard(budget=rss_bytes() // 2, node_bytes=1 << 20)
