@@ -8,6 +8,7 @@ The cache holds ``cached`` (committed tokens); ``forward`` appends a token tree 
 from __future__ import annotations
 
 import codecs
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -20,6 +21,20 @@ class BackendError(RuntimeError):
 
 class ContextFullError(BackendError):
     """The KV cache has no room for the requested tokens."""
+
+
+class PrefillCancelled(BackendError):
+    """``prefill`` stopped between batches because its ``cancel`` check said so (the cache keeps what was
+    evaluated)."""
+
+
+@dataclass
+class KVState:
+    """A snapshot of the committed cache: its tokens and the backend's own bytes for them."""
+
+    tokens: list[int]
+    data: object  # backend-specific (llama.cpp: the sequence's state bytes; MLX: key/value arrays)
+    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -77,10 +92,12 @@ class Backend(Protocol):
 
     def token_bytes(self, token: int) -> bytes: ...
 
-    def prefill(self, tokens: list[int], want_hidden: bool = False) -> ForwardOut:
+    def prefill(self, tokens: list[int], want_hidden: bool = False,
+                cancel: Callable[[], bool] | None = None) -> ForwardOut:
         """Append ``tokens`` to the cache (committed); return the last position's outputs ([1, ...]).
 
-        ``hidden`` may be None unless ``want_hidden`` is set (it can cost an extra decode).
+        ``hidden`` may be None unless ``want_hidden`` is set (it can cost an extra decode). ``cancel`` is
+        checked between batches; when it returns True, ``PrefillCancelled`` is raised.
         """
         ...
 
@@ -98,6 +115,14 @@ class Backend(Protocol):
 
     def truncate(self, n: int) -> None:
         """Roll the cache back to its first ``n`` tokens."""
+        ...
+
+    def save_state(self) -> KVState:
+        """Snapshot the committed cache (no pending tree may be open)."""
+        ...
+
+    def load_state(self, state: KVState) -> None:
+        """Replace the cache by a snapshot taken by ``save_state`` of this backend."""
         ...
 
     def memory(self) -> MemoryInfo: ...

@@ -20,8 +20,10 @@ from edgespec.backends.base import (
     BackendError,
     ContextFullError,
     ForwardOut,
+    KVState,
     MemoryInfo,
     ModelInfo,
+    PrefillCancelled,
     check_path,
     tree_depths,
 )
@@ -185,6 +187,7 @@ class LlamaCppBackend:
         return (int(k) if k else hd), (int(v) if v else hd)
 
     def memory(self) -> MemoryInfo:
+        self._check_open()
         hk, hv = self._head_dims()
         per_tok = self.info.n_layer * self.info.n_head_kv * (hk + hv) * KV_TYPES[self.kv_type][1]
         return MemoryInfo(weights_bytes=int(lc.llama_model_size(self._model)), kv_bytes_per_token=int(per_tok),
@@ -192,6 +195,7 @@ class LlamaCppBackend:
 
     # ---- text -----------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        self._check_open()
         return tokenize(self._vocab, text, add_special, parse_special)
 
     def _piece(self, token: int, special: bool = False) -> bytes:
@@ -201,11 +205,13 @@ class LlamaCppBackend:
         """The bytes a token contributes to the text (control tokens contribute none)."""
         b = self._piece_cache.get(token)
         if b is None:
+            self._check_open()
             b = self._piece_cache[token] = self._piece(token)
         return b
 
     # ---- decoding -------------------------------------------------------------------------------
     def _decode(self, tokens: list[int], pos: list[int], seqs: list[list[int]], out: list[bool]) -> None:
+        self._check_open()
         b = self._batch
         b.n_tokens = len(tokens)
         for i, t in enumerate(tokens):
@@ -229,7 +235,7 @@ class LlamaCppBackend:
         if len(self.cached) + n > self.n_ctx:
             raise ContextFullError(f"context full: {len(self.cached)} cached + {n} new > n_ctx={self.n_ctx}")
 
-    def prefill(self, tokens: list[int], want_hidden: bool = False) -> ForwardOut:
+    def prefill(self, tokens: list[int], want_hidden: bool = False, cancel=None) -> ForwardOut:
         """Evaluate ``tokens`` in n_batch chunks and return the last position's outputs.
 
         With embeddings on, llama.cpp outputs every row of a batch (and runs the LM head on all of
@@ -240,12 +246,15 @@ class LlamaCppBackend:
         """
         if not tokens:
             raise BackendError("prefill needs at least one token")
+        self._check_open()
         self._drop_pending()
         self._room(len(tokens))
         bulk = tokens[:-1]
         lc.llama_set_embeddings(self._ctx, False)
         try:
             for start in range(0, len(bulk), self.n_batch):
+                if cancel is not None and cancel():
+                    raise PrefillCancelled(f"prefill cancelled after {start} of {len(tokens)} tokens")
                 chunk = bulk[start:start + self.n_batch]
                 p0 = len(self.cached)
                 self._decode(chunk, list(range(p0, p0 + len(chunk))), [[0]] * len(chunk), [False] * len(chunk))
@@ -263,6 +272,7 @@ class LlamaCppBackend:
         return self._outputs(1)
 
     def forward(self, tokens: list[int], parents: list[int]) -> ForwardOut:
+        self._check_open()
         n = len(tokens)
         if n == 0 or n != len(parents) or n > self.n_batch:
             raise BackendError(f"forward needs 1..{self.n_batch} tokens with one parent each")
@@ -296,6 +306,7 @@ class LlamaCppBackend:
         return seqs
 
     def commit(self, path: list[int]) -> None:
+        self._check_open()
         if self._pending is None:
             raise BackendError("commit without a pending forward")
         tokens, parents, seqs = self._pending
@@ -326,11 +337,39 @@ class LlamaCppBackend:
         self._seq_rm(0, len(self.cached), -1)
         self._pending = None
 
+    def save_state(self) -> KVState:
+        """The committed sequence's KV state (llama.cpp's per-sequence state API), with its tokens."""
+        self._check_open()
+        self._drop_pending()
+        size = lc.llama_state_seq_get_size(self._ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        n = lc.llama_state_seq_get_data(self._ctx, buf, size, 0)
+        if n != size:
+            raise BackendError(f"llama.cpp saved {n} of {size} state bytes")
+        return KVState(list(self.cached), bytes(buf), size)
+
+    def load_state(self, state: KVState) -> None:
+        self._check_open()
+        self._drop_pending()
+        self._seq_rm(-1, -1, -1)
+        self.cached = []
+        if not state.tokens:
+            return
+        buf = (ctypes.c_uint8 * state.nbytes).from_buffer_copy(state.data)
+        if lc.llama_state_seq_set_data(self._ctx, buf, state.nbytes, 0) == 0:
+            raise BackendError("llama.cpp could not restore a saved KV state (from another model or context?)")
+        self.cached = list(state.tokens)
+
+    def _check_open(self) -> None:
+        if not getattr(self, "_ctx", None):
+            raise BackendError("this model has been closed")
+
     def _seq_rm(self, seq: int, p0: int, p1: int) -> None:
         if not lc.llama_memory_seq_rm(self._mem, seq, p0, p1):
             raise BackendError(f"llama.cpp could not remove positions [{p0}, {p1}) of sequence {seq}")
 
     def truncate(self, n: int) -> None:
+        self._check_open()
         if not 0 <= n <= len(self.cached):
             raise BackendError(f"cannot truncate to {n}: {len(self.cached)} tokens cached")
         self._drop_pending()

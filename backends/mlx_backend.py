@@ -27,8 +27,10 @@ from edgespec.backends.base import (
     BackendError,
     ContextFullError,
     ForwardOut,
+    KVState,
     MemoryInfo,
     ModelInfo,
+    PrefillCancelled,
     check_path,
     tree_depths,
 )
@@ -171,7 +173,8 @@ class MlxBackend:
     exact_rows = None  # batched and single-token matmuls agree to rounding; near-ties may still part
 
     def __init__(self, path: str | Path, n_ctx: int = 4096, bits: int | str | None = "gguf", n_batch: int = 512,
-                 memory_limit: int | None = None, dtype: str | None = None, progress: bool = True):
+                 memory_limit: int | None = None, dtype: str | None = None, progress: bool = True,
+                 kv_type: str = "f16"):
         """Load (converting on first use) the GGUF at ``path``.
 
         ``bits``: weights mode, see ``convert.mode`` (``"gguf"``: llama.cpp's codes transcribed,
@@ -181,6 +184,10 @@ class MlxBackend:
         """
         if n_ctx < 16:
             raise BackendError(f"n_ctx must be at least 16, not {n_ctx}")
+        if kv_type != "f16":  # the planner knows this (memory.planner.BACKEND_KV) and never plans another
+            raise BackendError(f"the MLX backend keeps its KV cache in the activation dtype; kv_type {kv_type!r} "
+                               "is not supported (use f16 or the llama.cpp backend)")
+        self.kv_type = kv_type
         dtype = dtype or default_dtype()
         if dtype not in DTYPES:
             raise BackendError(f"dtype must be one of {list(DTYPES)}, not {dtype!r}")
@@ -242,6 +249,7 @@ class MlxBackend:
 
     # ---- decoding -------------------------------------------------------------------------------
     def _run(self, tokens: list[int], last_only: bool = False) -> ForwardOut:
+        self._check_open()
         hidden = self.model.model(mx.array([tokens], dtype=mx.int32), cache=self._cache)[0]
         if last_only:
             hidden = hidden[-1:]
@@ -259,7 +267,7 @@ class MlxBackend:
         for c in self._cache:
             c.offset = n
 
-    def prefill(self, tokens: list[int], want_hidden: bool = False) -> ForwardOut:
+    def prefill(self, tokens: list[int], want_hidden: bool = False, cancel=None) -> ForwardOut:
         """Append ``tokens`` in n_batch chunks; return the last position's logits and hidden state.
 
         The hidden state costs nothing extra here, so it is always returned (``want_hidden`` is accepted
@@ -271,6 +279,8 @@ class MlxBackend:
         self._room(len(tokens))
         out = None
         for start in range(0, len(tokens), self.n_batch):
+            if start and cancel is not None and cancel():
+                raise PrefillCancelled(f"prefill cancelled after {start} of {len(tokens)} tokens")
             chunk = list(tokens[start:start + self.n_batch])
             try:
                 out = self._run(chunk, last_only=True)
@@ -321,6 +331,33 @@ class MlxBackend:
         if self._pending is not None:
             self._set_offset(len(self.cached))
             self._pending = None
+
+    def save_state(self) -> KVState:
+        """Copies of the committed keys and values of every layer (mx arrays), with their tokens."""
+        self._check_open()
+        self._drop_pending()
+        n = len(self.cached)
+        data = [(c.keys[..., :n, :], c.values[..., :n, :]) if c.keys is not None else (None, None)
+                for c in self._cache]
+        mx.eval([a for kv in data for a in kv if a is not None])
+        nbytes = sum(a.nbytes for kv in data for a in kv if a is not None)
+        return KVState(list(self.cached), data, nbytes)
+
+    def load_state(self, state: KVState) -> None:
+        self._check_open()
+        self._drop_pending()
+        n = len(state.tokens)
+        self._set_offset(0)
+        self.cached = []
+        if n:
+            for c, (k, v) in zip(self._cache, state.data, strict=True):
+                c.update_and_fetch(k, v)  # writes [0, n) and moves the offset to n
+            mx.eval([a for c in self._cache for a in (c.keys, c.values)])
+        self.cached = list(state.tokens)
+
+    def _check_open(self) -> None:
+        if self.model is None:
+            raise BackendError("this model has been closed")
 
     def truncate(self, n: int) -> None:
         if not 0 <= n <= len(self.cached):

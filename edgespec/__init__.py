@@ -7,7 +7,9 @@
 
 __version__ = "0.1.0"
 
+from edgespec.build import LoadOptions, load  # noqa: E402
 from edgespec.registry import ModelError  # noqa: E402
-from edgespec.runtime import Completion, Runtime, load  # noqa: E402
+from edgespec.runtime import BusyError, ClosedError, Completion, Generation, Runtime  # noqa: E402
 
-__all__ = ["load", "Runtime", "Completion", "ModelError", "__version__"]
+__all__ = ["load", "LoadOptions", "Runtime", "Generation", "Completion", "ModelError", "BusyError", "ClosedError",
+           "__version__"]

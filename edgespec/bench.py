@@ -30,9 +30,6 @@ from tqdm import tqdm
 from edgespec import registry
 from edgespec.backends.base import Backend
 from edgespec.backends.chat_template import render
-from edgespec.controller import calibrate, controller_for
-from edgespec.generate import GenerationConfig, Stats, plain_steps, stream
-from edgespec.speculative import speculative_steps
 
 NEAR_TIE = 0.75
 
@@ -72,9 +69,18 @@ class Method:
     depth: int | None = None
     width: int | None = None
     k: int = 0
+    exact: bool = False  # verify only bit-exact batch sizes (``--exact``)
 
 
 def parse_method(spec: str) -> Method:
+    """``name[@depth[xwidth]][+exact]``, e.g. ``redrafter``, ``ngram@3``, ``redrafter+exact``."""
+    base, exact = (spec[:-len("+exact")], True) if spec.endswith("+exact") else (spec, False)
+    m = _parse_method(base)
+    m.name, m.exact = spec, exact
+    return m
+
+
+def _parse_method(spec: str) -> Method:
     name, shape = (spec.split("@", 1) + [""])[:2]
     depth, width = None, None
     if shape:
@@ -129,23 +135,26 @@ class Run:
 
 class Bench:
     def __init__(self, model: str, methods: list[Method], n_ctx: int, n_threads: int, max_tokens: int):
-        from edgespec.backends.llama_cpp import LlamaCppBackend
-        from edgespec.runtime import LoadOptions, make_drafter
+        from edgespec import drafters
+        from edgespec.build import LoadOptions, open_backend
+        from edgespec.runtime import Runtime
 
         self.path = registry.resolve(model)
         self.methods = methods
         self.max_tokens = max_tokens
         self.n_threads = n_threads
-        self.target = LlamaCppBackend(self.path, n_ctx=n_ctx, n_threads=n_threads)
-        opts = LoadOptions(n_ctx=n_ctx, n_threads=n_threads)
-        costs = calibrate(self.target)
-        self.target.truncate(0)
-        self.drafters, self.controllers, self.llamas = {}, {}, {}
+        opts = LoadOptions(n_ctx=n_ctx, n_threads=n_threads, backend="llama.cpp")
+        self.target = open_backend(self.path, opts)
+        draft_open = lambda p, kv: open_backend(p, LoadOptions(n_ctx=n_ctx, n_threads=n_threads, kv_type=kv,
+                                                                backend="llama.cpp"))
+        # every method runs through a Runtime on the one target, as the product does
+        self.runtimes, self.llamas = {}, {}
         for m in methods:
-            if m.kind == "spec":
-                self.drafters[m.name] = make_drafter(m.drafter, self.target, opts, model)
-                self.controllers[m.name] = controller_for(self.drafters[m.name], m.width, m.depth, costs,
-                                                          self.target.exact_rows)
+            if m.kind in ("plain", "spec"):
+                drafter = None
+                if m.kind == "spec":
+                    drafter = drafters.make(drafters.parse(m.drafter, model), self.target, model, draft_open)
+                self.runtimes[m.name] = Runtime(self.target, model, drafter, m.width, m.depth, exact=m.exact)
             elif m.kind in ("anchor", "llama-python"):
                 from llama_cpp import Llama
                 from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
@@ -158,17 +167,13 @@ class Bench:
     def run(self, m: Method, prompt: list[int]) -> Run:
         if m.kind in ("anchor", "llama-python"):
             return self._run_llama(self.llamas[m.name], prompt)
-        b = self.target
-        b.truncate(0)
-        stats, out = Stats(), []
-        steps, hidden = plain_steps, False
-        if m.kind == "spec":
-            steps = speculative_steps(self.drafters[m.name], self.controllers[m.name])
-            hidden = getattr(self.drafters[m.name], "needs_hidden", False)
-        for _ in stream(b, prompt, GenerationConfig(max_tokens=self.max_tokens), stats, steps=steps, out_tokens=out,
-                        want_hidden=hidden):
+        from edgespec.runtime import Request
+
+        self.target.truncate(0)
+        gen = self.runtimes[m.name].start(prompt, Request(max_tokens=self.max_tokens))
+        for _ in gen:
             pass
-        return Run(out, stats.tok_s, stats.as_dict())
+        return Run(gen.tokens, gen.stats.tok_s, gen.stats.as_dict())
 
     def _run_llama(self, llm, prompt: list[int]) -> Run:
         eog = self.target.info.eog

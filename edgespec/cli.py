@@ -23,12 +23,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"])
     p.add_argument("--draft", default="auto",
                    help="speculative drafter: auto (ReDrafter if one exists for the model, else ngram), ngram, "
-                        "redrafter[:<weights.npz>], model:<id> (same-vocabulary draft model), none (default: auto)")
+                        "redrafter[:<weights.npz>], model:<id> (same-vocabulary draft model), xvocab:<id> (draft "
+                        "model with another vocabulary), none (default: auto)")
     p.add_argument("--draft-depth", type=int, default=None, help="fixed draft depth (default: cost-aware controller)")
     p.add_argument("--draft-width", type=int, default=None, help="candidates per draft node / beams")
-    p.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=None,
                    help="adapt a ReDrafter head online to your own traffic, between replies, saved per user "
-                        "(default: on; `edgespec drafter reset` forgets it)")
+                        "(default: on where torch is installed, the `train` extra; `edgespec drafter reset` "
+                        "forgets it)")
+    p.add_argument("--exact", action="store_true",
+                   help="verify only batches whose logits are bit-identical to plain decoding (greedy output "
+                        "identical to --draft none, at some cost in speed)")
     p.add_argument("--memory-budget", default=None,
                    help="run within this much RAM (e.g. 1.5GB): context, KV type, batch and drafter are planned "
                         "to fit, and the draft tree is capped to the live headroom; refused if too small")
@@ -49,12 +54,28 @@ def _gen_kwargs(a: argparse.Namespace) -> dict:
                 seed=a.seed, stop=tuple(a.stop))
 
 
-def _load(a: argparse.Namespace):
-    from edgespec.runtime import load
+def _options(a: argparse.Namespace):
+    """Load options and a request checked from the arguments, before any model is loaded."""
+    from edgespec.build import LoadOptions, check
+    from edgespec.runtime import Request
 
-    return load(a.model, n_ctx=a.n_ctx, n_threads=a.threads, kv_type=a.kv_type, backend=a.backend,
-                draft=a.draft, draft_depth=a.draft_depth, draft_width=a.draft_width, memory_budget=a.memory_budget,
-                adapt=a.adapt)
+    opts = LoadOptions(n_ctx=a.n_ctx, n_threads=a.threads, kv_type=a.kv_type, backend=a.backend, draft=a.draft,
+                       draft_depth=a.draft_depth, draft_width=a.draft_width, memory_budget=a.memory_budget,
+                       adapt="auto" if a.adapt is None else a.adapt, exact=a.exact)
+    Request(**_gen_kwargs(a))
+    check(a.model, opts)
+    return opts
+
+
+def _load(a: argparse.Namespace, opts):
+    from dataclasses import asdict
+
+    from edgespec.build import load
+
+    rt = load(a.model, **asdict(opts))
+    for line in rt.notices:
+        print(f"edgespec: {line}", file=sys.stderr)
+    return rt
 
 
 def _print_stats(stats: Stats) -> None:
@@ -84,20 +105,22 @@ def cmd_generate(a: argparse.Namespace) -> int:
     prompt = " ".join(a.prompt) if a.prompt and a.prompt != ["-"] else sys.stdin.read()
     if not prompt.strip():
         raise ValueError("empty prompt: pass it as an argument or on stdin")
-    rt = _load(a)
-    if a.raw:
-        chunks = rt.stream(prompt, **_gen_kwargs(a))
-    else:
-        msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
-        chunks = rt.chat(msgs, stream=True, **_gen_kwargs(a))
-    for chunk in chunks:
-        sys.stdout.write(chunk)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    if a.json:
-        print(json.dumps(rt.last_stats.as_dict()), file=sys.stderr)
-    else:
-        _print_stats(rt.last_stats)
+    opts = _options(a)
+    with _load(a, opts) as rt:  # closing waits for a pending adaptation and saves it
+        if a.raw:
+            gen = rt.stream(prompt, **_gen_kwargs(a))
+        else:
+            msgs = [{"role": "system", "content": a.system}] if a.system else []
+            msgs.append({"role": "user", "content": prompt})
+            gen = rt.chat(msgs, stream=True, **_gen_kwargs(a))
+        for chunk in gen:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if a.json:
+            print(json.dumps(gen.stats.as_dict()), file=sys.stderr)
+        else:
+            _print_stats(gen.stats)
     return 0
 
 
@@ -110,10 +133,13 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
+    from edgespec import drafters
     from edgespec.memory.planner import parse_size, plan
 
+    spec = drafters.parse(a.draft, a.model)
+    adapt = a.adapt and spec.kind == "redrafter" and drafters.trainer_available()
     p = plan(registry.resolve(a.model), parse_size(a.memory_budget), want_ctx=a.n_ctx, min_ctx=a.min_ctx,
-             draft=None if a.draft == "none" else a.draft)
+             draft=None if spec.kind == "none" else str(spec), draft_bytes=drafters.planned_bytes(spec, adapt))
     print(p.describe())
     return 0
 
@@ -140,7 +166,12 @@ def cmd_chat(a: argparse.Namespace) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    rt = _load(a)
+    opts = _options(a)
+    with _load(a, opts) as rt:  # closing saves the adapted drafter state
+        return _chat_loop(a, rt)
+
+
+def _chat_loop(a: argparse.Namespace, rt) -> int:
     sess = rt.session(system=a.system)
     info = rt.backend.info
     print(f"edgespec chat: {info.name} on {rt.backend.name}, context {rt.backend.n_ctx}, drafter "
@@ -293,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", required=True, help="e.g. 1.5GB or 800MB")
     p.add_argument("--n-ctx", type=int, default=4096, help="wanted context (default 4096)")
     p.add_argument("--min-ctx", type=int, default=512, help="smallest acceptable context (default 512)")
-    p.add_argument("--draft", default="ngram", help="drafter to plan for, or 'none'")
+    p.add_argument("--draft", default="auto", help="drafter to plan for (as for chat), or 'none'")
+    p.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=True,
+                   help="count online adaptation of a ReDrafter head (where torch is installed)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("train-drafter", help="collect distillation data from a target and train a ReDrafter head")
@@ -324,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (registry.ModelError, PromptTooLongError, BackendError, ValueError) as e:
+    except (registry.ModelError, PromptTooLongError, BackendError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

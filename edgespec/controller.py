@@ -134,9 +134,11 @@ def controller_for(drafter, width: int | None = None, fixed_depth: int | None = 
     acceptance, and the verify cost model seeded with ``costs`` (from ``calibrate``). ``exact_rows`` (the
     backend's ``exact_rows``) caps a verify at that many rows, root included, so greedy output stays exact."""
     max_nodes = ControllerConfig.max_nodes if exact_rows is None else max(exact_rows - 1, 0)
-    cfg = ControllerConfig(max_depth=getattr(drafter, "max_depth", 6), max_nodes=max_nodes,
-                           width=width or getattr(drafter, "default_width", 1), fixed_depth=fixed_depth,
-                           self_gating=getattr(drafter, "self_gating", False))
+    if drafter is None:
+        cfg = ControllerConfig(max_nodes=max_nodes, fixed_depth=fixed_depth)
+    else:
+        cfg = ControllerConfig(max_depth=drafter.max_depth, max_nodes=max_nodes, width=width or drafter.default_width,
+                               fixed_depth=fixed_depth, self_gating=drafter.self_gating)
     ctl = Controller(cfg)
     ctl.verify_s.update(costs or {})
     return ctl

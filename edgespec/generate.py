@@ -9,11 +9,17 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
-from edgespec.backends.base import Backend, ContextFullError, ForwardOut, StreamDecoder, common_prefix
-from edgespec.sampling import SamplingParams, sample
+from edgespec.backends.base import (
+    Backend,
+    ContextFullError,
+    ForwardOut,
+    PrefillCancelled,
+    StreamDecoder,
+    common_prefix,
+)
+from edgespec.sampling import PositionRng, SamplingParams, sample
 
 
 class PromptTooLongError(ValueError):
@@ -28,10 +34,12 @@ class GenerationConfig:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, not {self.max_tokens}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, not {self.max_tokens!r}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must be non-empty strings, not {self.stop!r}")
 
 
 @dataclass
@@ -72,8 +80,19 @@ class Stats:
         return d
 
 
-def prefill(backend: Backend, prompt: list[int], stats: Stats, want_hidden: bool = False) -> ForwardOut:
-    """Evaluate only what the cache lacks of ``prompt``; return the last prompt position's outputs."""
+Cancel = threading.Event | Callable[[], bool] | None
+
+
+def _cancelled(cancel: Cancel) -> bool:
+    if cancel is None:
+        return False
+    return cancel.is_set() if isinstance(cancel, threading.Event) else bool(cancel())
+
+
+def prefill(backend: Backend, prompt: list[int], stats: Stats, want_hidden: bool = False,
+            cancel: Cancel = None) -> ForwardOut:
+    """Evaluate only what the cache lacks of ``prompt``; return the last prompt position's outputs.
+    ``cancel`` is checked between prefill batches (``PrefillCancelled``)."""
     if not prompt:
         raise ValueError("the prompt is empty")
     if len(prompt) >= backend.n_ctx:
@@ -82,15 +101,19 @@ def prefill(backend: Backend, prompt: list[int], stats: Stats, want_hidden: bool
     n = min(common_prefix(backend.cached, prompt), len(prompt) - 1)
     backend.truncate(n)
     stats.prompt_tokens, stats.prefill_tokens = len(prompt), len(prompt) - n
-    return backend.prefill(prompt[n:], want_hidden=want_hidden)
+    check = None if cancel is None else (lambda: _cancelled(cancel))
+    return backend.prefill(prompt[n:], want_hidden=want_hidden, cancel=check)
 
 
-def plain_steps(backend: Backend, first: ForwardOut, sp: SamplingParams, rng: np.random.Generator,
+def plain_steps(backend: Backend, first: ForwardOut, sp: SamplingParams, rng: PositionRng,
                 stats: Stats) -> Iterator[list[int]]:
-    """Plain decoding: one token per target forward."""
+    """Plain decoding: one token per target forward; the token at output position k is drawn with
+    ``rng.at(k)``."""
     logits = first.logits[-1]
+    pos = 0
     while True:
-        tok = sample(logits, sp, rng)
+        tok = sample(logits, sp, None if sp.greedy else rng.at(pos))
+        pos += 1
         yield [tok]
         out = backend.forward([tok], [-1])
         backend.commit([0])
@@ -139,53 +162,55 @@ class TextOut:
         return chunk
 
 
-Cancel = threading.Event | Callable[[], bool] | None
+StepSource = Callable[[Backend, ForwardOut, SamplingParams, PositionRng, Stats], Iterator[list[int]]]
+_BLAS = None
 
 
-def _cancelled(cancel: Cancel) -> bool:
-    if cancel is None:
-        return False
-    return cancel.is_set() if isinstance(cancel, threading.Event) else bool(cancel())
-
-
-StepSource = Callable[[Backend, ForwardOut, SamplingParams, np.random.Generator, Stats], Iterator[list[int]]]
+def blas_one_thread():
+    """A context that holds numpy's BLAS to one thread (entered around each step, never across a yield:
+    the limit is process-wide). Its worker threads, and OpenBLAS's spinning between calls, would take cores
+    from llama.cpp (measured on 2 cores: a ReDrafter run at 0.78x of plain with the default BLAS threads,
+    0.96x with one)."""
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
 
 
 def stream(backend: Backend, prompt: list[int], cfg: GenerationConfig, stats: Stats,
            steps: StepSource = plain_steps, cancel: Cancel = None, out_tokens: list[int] | None = None,
-           want_hidden: bool = False) -> Iterator[str]:
+           want_hidden: bool = False, owns_backend: Callable[[], bool] | None = None) -> Iterator[str]:
     """Generate from ``prompt`` and yield text chunks. ``stats`` is filled in as it goes.
 
     ``steps`` yields lists of new tokens (one for plain decoding, several per speculative step).
     ``want_hidden``: the steps need the target's hidden state at the last prompt position.
-    Afterwards the cache holds ``prompt`` plus the generated tokens (the last one may be missing).
-
-    While it runs, numpy's BLAS gets one thread: its worker threads (and OpenBLAS's spinning between
-    calls) would take cores from llama.cpp (measured on 2 cores: a ReDrafter run at 0.78x of plain with
-    the default BLAS threads, 0.96x with one).
+    Afterwards the cache holds ``prompt`` plus the generated tokens (the last one may be missing), unless
+    ``owns_backend()`` says the backend now serves another request (then it is left alone).
     """
-    with threadpool_limits(1, user_api="blas"):
-        yield from _stream(backend, prompt, cfg, stats, steps, cancel, out_tokens, want_hidden)
-
-
-def _stream(backend: Backend, prompt: list[int], cfg: GenerationConfig, stats: Stats, steps: StepSource,
-            cancel: Cancel, out_tokens: list[int] | None, want_hidden: bool) -> Iterator[str]:
     t0 = time.perf_counter()
-    rng = np.random.default_rng(cfg.sampling.seed)
-    first = prefill(backend, prompt, stats, want_hidden)
-    t1 = time.perf_counter()
-    stats.ttft_s = t1 - t0
+    rng = PositionRng(cfg.sampling.seed)
     out = out_tokens if out_tokens is not None else []
-    text = TextOut(backend, cfg.stop)
-    eog = frozenset() if cfg.ignore_eos else backend.info.eog
-    source = steps(backend, first, cfg.sampling, rng, stats)
+    source = None
+    t1 = t0
     try:
+        try:
+            with blas_one_thread():
+                first = prefill(backend, prompt, stats, want_hidden, cancel)
+        except PrefillCancelled:
+            stats.finish_reason = "cancelled"
+            return
+        t1 = time.perf_counter()
+        stats.ttft_s = t1 - t0
+        text = TextOut(backend, cfg.stop)
+        eog = frozenset() if cfg.ignore_eos else backend.info.eog
+        source = steps(backend, first, cfg.sampling, rng, stats)
         while not stats.finish_reason:
             if _cancelled(cancel):
                 stats.finish_reason = "cancelled"
                 break
             try:
-                new = next(source)
+                with blas_one_thread():
+                    new = next(source)
             except ContextFullError:
                 stats.finish_reason = "context"
                 break
@@ -207,10 +232,12 @@ def _stream(backend: Backend, prompt: list[int], cfg: GenerationConfig, stats: S
         if tail:
             yield tail
     finally:
-        source.close()
+        if source is not None:
+            source.close()
         t2 = time.perf_counter()
         stats.generated_tokens = len(out)
         stats.decode_s, stats.total_s = t2 - t1, t2 - t0
         if not stats.finish_reason:
             stats.finish_reason = "cancelled"
-        backend.truncate(common_prefix(backend.cached, prompt + out))
+        if owns_backend is None or owns_backend():
+            backend.truncate(common_prefix(backend.cached, prompt + out))

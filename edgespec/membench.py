@@ -47,7 +47,7 @@ def worker(job: dict) -> dict:
 
     t0 = time.perf_counter()
     try:
-        rt = load(job["model"], n_ctx=job["n_ctx"], n_threads=job["threads"], draft=job["draft"],
+        rt = load(job["model"], n_ctx=job["n_ctx"], n_threads=job["threads"], draft=job["draft"], adapt=False,
                   memory_budget=job["budget"])
     except BudgetError as e:
         return {"refused": str(e), "peak_rss": peak_rss_bytes()}

@@ -43,8 +43,8 @@ def main(args) -> int:
     from edgespec.backends.llama_cpp import LlamaCppBackend
     from edgespec.bench import load_prompts
     from edgespec.controller import calibrate
+    from edgespec.drafters import redrafter_weights
     from edgespec.models.redrafter import ReDrafter
-    from edgespec.runtime import redrafter_weights
 
     path = registry.resolve(args.model)
     weights = redrafter_weights(args.model)

@@ -209,14 +209,24 @@ def resolve(model: str | os.PathLike, download: bool = True) -> Path:
         if download or path.exists():
             return pull(s)
         raise ModelError(f"Model '{s}' is not downloaded yet: run `edgespec models pull {s}`.")
+    check_ref(s)
+    return Path(s).expanduser()
+
+
+def check_ref(model: str | os.PathLike) -> None:
+    """Check a model id or ``.gguf`` path without downloading or loading anything (one-line ``ModelError``)."""
+    s = str(model)
+    if s in MODELS:
+        return
     p = Path(s).expanduser()
+    if p.is_dir():
+        raise ModelError(f"{p} is a directory, not a .gguf model file")
     if p.suffix == ".gguf" or p.exists() or os.sep in s:
         if not p.is_file():
             raise ModelError(f"Model file not found: {p}")
         check_gguf(p)
-        return p
+        return
     get_spec(s)  # raises the unknown-id error
-    raise AssertionError("unreachable")
 
 
 def check_gguf(path: Path) -> None:

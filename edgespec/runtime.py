@@ -1,56 +1,48 @@
-"""The embeddable runtime: ``edgespec.load(...)`` returns a ``Runtime`` with ``generate``, ``stream`` and ``chat``.
+"""The embeddable runtime: ``edgespec.load(...)`` (``edgespec.build``) returns a ``Runtime`` with
+``generate``, ``stream`` and ``chat``.
 
-Thread safety: one model has one KV cache, so requests are serialized with a lock. ``generate`` and
-``chat`` hold it for the call; ``stream`` holds it from the first ``next()`` until the iterator is
-exhausted or closed, so always finish or ``close()`` a stream. Calls from other threads wait.
+One model has one KV cache, so a request owns the model, not a thread. ``stream``/``chat(stream=True)``
+return a ``Generation``: an iterator that takes the model at its first chunk and holds it until it is
+exhausted, closed or garbage-collected, whichever thread drives it (Starlette's threadpool moves a stream
+between threads). A request from another thread waits its turn in FIFO order (``timeout``: after that
+many seconds it gets ``BusyError``). When one thread interleaves two streams (``a = rt.stream(p1);
+b = rt.stream(p2); next(a); next(b); next(a)``) the suspended stream is preempted: its KV state is saved
+and restored bit for bit when it resumes, so neither ever decodes on the other's cache. Per-request
+statistics come back with the request (``Generation.stats``, ``Completion.stats``).
 """
 
 from __future__ import annotations
 
-import sys
 import threading
+import time
+import weakref
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from edgespec import registry
-from edgespec.backends.base import Backend
+from edgespec.backends.base import Backend, KVState
 from edgespec.backends.chat_template import render
 from edgespec.controller import calibrate, controller_for
 from edgespec.generate import Cancel, GenerationConfig, PromptTooLongError, Stats, plain_steps, stream
-from edgespec.memory.footprint import node_bytes, read_shape
-from edgespec.memory.live import MemoryGuard
-from edgespec.memory.planner import SAFETY, drafter_bytes, parse_size
 from edgespec.models.drafter import Drafter
-from edgespec.models.ngram import NgramDrafter
 from edgespec.sampling import SamplingParams
 from edgespec.speculative import speculative_steps
 
 if TYPE_CHECKING:
     from edgespec.session import ChatSession
 
-BACKENDS = ("auto", "llama.cpp", "mlx")
+
+class BusyError(RuntimeError):
+    """The model served another request for longer than the request's ``timeout``."""
 
 
-@dataclass
-class LoadOptions:
-    n_ctx: int = 4096
-    n_threads: int | None = None
-    kv_type: str = "f16"  # f16 | q8_0 | q4_0
-    backend: str = "auto"
-    draft: str | None = None  # None | "auto" | "ngram" | "redrafter[:<path>]" | "model:<id or path>"
-    draft_depth: int | None = None  # fixed draft depth instead of the cost-aware controller
-    draft_width: int | None = None  # candidates per node / beams (default: the drafter's own)
-    n_batch: int = 512
-    adapt: bool = False  # online adaptation of a ReDrafter head on this user's traffic (persisted per user)
-    memory_budget: int | str | None = None  # bytes or "1.5GB": plan context/KV/batch/drafter to fit it
+class ClosedError(RuntimeError):
+    """The runtime has been closed."""
 
-    def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, not {self.backend!r}")
-        if self.n_threads is not None and self.n_threads < 1:
-            raise ValueError(f"n_threads must be >= 1, not {self.n_threads}")
+
+class TemplateError(ValueError):
+    """The model's chat template could not render the conversation."""
 
 
 @dataclass
@@ -63,141 +55,260 @@ class Completion:
 
 @dataclass
 class Request:
-    """Per-request generation options, as accepted by ``generate``/``stream``/``chat``."""
+    """Per-request generation options, as accepted by ``generate``/``stream``/``chat``; checked when made."""
 
     max_tokens: int = 256
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
-    stop: tuple[str, ...] | list[str] = ()
+    stop: tuple[str, ...] | list[str] | str = ()
     ignore_eos: bool = False
     cancel: Cancel = None
+    timeout: float | None = None  # seconds to wait for the model before BusyError (None: wait)
+
+    def __post_init__(self):
+        for name in ("temperature", "top_p"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ValueError(f"{name} must be a number, not {v!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise ValueError(f"top_k must be an integer, not {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer, not {self.seed!r}")
+        if self.timeout is not None and not self.timeout >= 0:
+            raise ValueError(f"timeout must be >= 0 seconds, not {self.timeout!r}")
+        self._config = self.config()  # raises ValueError naming a bad max_tokens/temperature/top_p/top_k/stop
 
     def config(self) -> GenerationConfig:
-        sp = SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)
-        return GenerationConfig(self.max_tokens, sp, tuple(self.stop), self.ignore_eos)
+        sp = SamplingParams(float(self.temperature), self.top_k, float(self.top_p), self.seed)
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return GenerationConfig(self.max_tokens, sp, stop, self.ignore_eos)
 
 
-def pick_backend(name: str) -> str:
-    """``auto``: MLX on Apple Silicon when it is installed, llama.cpp everywhere else."""
-    if name != "auto":
-        return name
-    if sys.platform == "darwin":
-        import platform
+class PromptCache(Protocol):
+    """Keeps KV states of earlier prompts (the server's multi-conversation cache)."""
 
-        if platform.machine() == "arm64":
-            try:
-                import mlx.core  # noqa: F401
+    def before(self, backend: Backend, prompt: list[int]) -> None:
+        """Called with the model owned, before prefill: restore the best saved prefix of ``prompt``."""
+        ...
 
-                return "mlx"
-            except ImportError:
-                pass
-    return "llama.cpp"
+    def after(self, backend: Backend) -> None:
+        """Called with the model owned, after a request: remember the cache's state."""
+        ...
 
 
-def open_backend(path: Path, opts: LoadOptions) -> Backend:
-    kind = pick_backend(opts.backend)
-    if kind == "mlx":
+class Generation(Iterator[str]):
+    """One request's text stream. ``stats`` and ``tokens`` fill in as it runs."""
+
+    def __init__(self, rt: Runtime, prompt: list[int], req: Request, dropped: int = 0,
+                 drafter: Drafter | None = None):
+        self.rt = rt
+        self.drafter = drafter  # this request's own drafter (e.g. from a predicted output), else the runtime's
+        self.prompt = prompt
+        self.req = req
+        self.stats = Stats()
+        self.tokens: list[int] = []
+        self.dropped_messages = dropped
+        self._inner: Iterator[str] | None = None
+        self._saved: KVState | None = None  # our cache while another request has preempted us
+        self._done = False
+
+    def __iter__(self) -> Generation:
+        return self
+
+    def __next__(self) -> str:
+        if self._done:
+            raise StopIteration
+        self.rt._acquire(self, self.req.timeout)
         try:
-            from edgespec.backends.mlx_backend import MlxBackend
-        except ImportError as e:
-            raise registry.ModelError(
-                f"the MLX backend needs `pip install 'edgespec[mlx]'` ({e})") from e
-        limit = int(parse_size(opts.memory_budget) * (1 - SAFETY)) if opts.memory_budget else None
-        return MlxBackend(path, n_ctx=opts.n_ctx, n_batch=opts.n_batch, memory_limit=limit)
-    from edgespec.backends.llama_cpp import LlamaCppBackend
+            if self._inner is None:
+                self._start()
+            elif self._saved is not None:
+                self.rt.backend.load_state(self._saved)
+                self._saved = None
+            return next(self._inner)
+        except BaseException:
+            self._finish()
+            raise
+        finally:
+            self.rt._pause(self)
 
-    return LlamaCppBackend(path, n_ctx=opts.n_ctx, n_threads=opts.n_threads, kv_type=opts.kv_type,
-                           n_batch=opts.n_batch)
+    def _start(self) -> None:
+        rt = self.rt
+        if rt.prompt_cache is not None:
+            rt.prompt_cache.before(rt.backend, self.prompt)
+        drafter, ctl = rt.drafter, rt.controller
+        if self.drafter is not None:  # a per-request drafter gets a controller seeded with the measured costs
+            drafter = self.drafter
+            ctl = controller_for(drafter, costs=dict(rt.controller.verify_s),
+                                 exact_rows=rt.backend.exact_rows if rt.exact else None)
+            ctl.memory = rt.controller.memory
+        steps = plain_steps if drafter is None else speculative_steps(drafter, ctl)
+        adapter = getattr(rt.drafter, "adapter", None)
+        if adapter is not None:
+            adapter.busy.set()  # an adaptation step in flight stops at its next step
+        rt.last_stats = self.stats
+        self._inner = stream(rt.backend, self.prompt, self.req._config, self.stats, steps=steps,
+                             cancel=self.req.cancel, out_tokens=self.tokens,
+                             want_hidden=drafter is not None and drafter.needs_hidden,
+                             owns_backend=lambda: rt._owner is self)
 
+    def _suspend(self) -> None:
+        """Another request takes the model while we wait at a yield: keep our cache aside."""
+        self._saved = self.rt.backend.save_state()
 
-def redrafter_weights(model: str) -> Path | None:
-    """Weights for a ReDrafter head on ``model``: the user's own (``edgespec train-drafter``) first, then
-    the ones shipped with edgespec."""
-    from edgespec.models import redrafter
-
-    name = redrafter.weights_path(registry.model_key(model)).name
-    user = registry.cache_dir() / "drafters" / name
-    return user if user.exists() else redrafter.shipped(registry.model_key(model))
-
-
-def resolve_draft(spec: str | None, model: str) -> str | None:
-    """``auto``: ReDrafter when weights exist for ``model``, the n-gram drafter otherwise."""
-    if spec != "auto":
-        return spec
-    return "redrafter" if redrafter_weights(model) else "ngram"
-
-
-def with_adapter(cls, weights: Path, target_path: Path, model: str):
-    """A ReDrafter that adapts online, starting from this user's adapted state when a valid one exists."""
-    from edgespec.models.online import OnlineAdapter, state_path
-
-    state = state_path(registry.cache_dir(), registry.model_key(model))
-    drafter = None
-    if state.exists():
+    def _finish(self) -> None:
+        """Release the model (after the stream ended, failed or was closed)."""
+        if self._done:
+            return
+        self._done = True
+        rt = self.rt
         try:
-            drafter = cls(state, target_path)
-        except ValueError as e:  # corrupt or from another version: start again from the shipped weights
-            print(f"edgespec: ignoring adapted drafter state ({e})", file=sys.stderr)
-    drafter = drafter or cls(weights, target_path)
-    drafter.adapter = OnlineAdapter(drafter, path=state)
-    return drafter
+            if self._inner is not None and rt._owner is self:
+                self._inner.close()  # runs the stream's own cleanup (stats, cache trimmed to prompt + output)
+                if rt.prompt_cache is not None and not rt.closed:
+                    rt.prompt_cache.after(rt.backend)
+        finally:
+            self._saved = None
+            adapter = getattr(rt.drafter, "adapter", None)
+            rt._release(self)
+            if adapter is not None and self._inner is not None:
+                adapter.busy.clear()
+                adapter.start()  # learn from this request between requests, in the background
 
+    def close(self) -> None:
+        """Stop the request and release the model (safe from any thread, and more than once)."""
+        if self._done:
+            return
+        if self._inner is None or self.rt._owner is not self:  # never started, or preempted: the backend is
+            self._drop()  # not ours, so nothing on it is touched
+            return
+        try:
+            self.rt._acquire(self, None, closing=True)
+        except ClosedError:
+            self._drop()
+            return
+        self._finish()
 
-def make_drafter(spec: str, target: Backend, opts: LoadOptions, model: str = "") -> Drafter | None:
-    """Build a drafter from its name: ``auto`` (ReDrafter when weights exist for ``model``, else n-gram),
-    ``ngram``, ``redrafter`` / ``redrafter:<weights.npz>``, ``model:<id or path>`` (same vocabulary) or
-    ``xvocab:<id or path>`` (a draft model with another vocabulary)."""
-    if spec in ("none", ""):
-        return None
-    spec = resolve_draft(spec, model)
-    if spec == "ngram":
-        return NgramDrafter()
-    if spec == "redrafter" or spec.startswith("redrafter:"):
-        from edgespec.models.redrafter import ReDrafter
+    def _drop(self) -> None:
+        self._done, self._saved = True, None
+        if self._inner is not None:
+            self._inner.close()  # its cleanup skips the backend, which it no longer owns
+            adapter = getattr(self.rt.drafter, "adapter", None)
+            if adapter is not None:
+                adapter.busy.clear()
+        self.rt._release(self)
 
-        weights = Path(spec.split(":", 1)[1]) if ":" in spec else redrafter_weights(model)
-        if weights is None:
-            raise registry.ModelError(f"no ReDrafter weights for {model!r}: train one with "
-                                      f"`edgespec train-drafter --target {model}` or use --draft ngram")
-        return with_adapter(ReDrafter, weights, Path(target.path), model) if opts.adapt else \
-            ReDrafter(weights, Path(target.path))
-    if spec.startswith("xvocab:"):
-        from edgespec.models.cross_vocab import CrossVocabDrafter
+    def __del__(self):
+        try:
+            if not self._done:
+                # no cleanup on the backend here (a collector may run at any time): the next request trims
+                # the cache to its own prompt
+                self._done = True
+                adapter = getattr(self.rt.drafter, "adapter", None)
+                if adapter is not None and self._inner is not None:
+                    adapter.busy.clear()
+                self.rt._release(self)
+        except Exception:
+            pass
 
-        path = registry.resolve(spec[len("xvocab:"):])
-        draft_opts = LoadOptions(n_ctx=opts.n_ctx, n_threads=opts.n_threads, backend="llama.cpp")
-        return CrossVocabDrafter(open_backend(path, draft_opts), target)
-    if spec.startswith("model:"):
-        from edgespec.models.draft_model import DraftModelDrafter
-
-        path = registry.resolve(spec[len("model:"):])
-        draft_opts = LoadOptions(n_ctx=opts.n_ctx, n_threads=opts.n_threads, kv_type=opts.kv_type, backend=opts.backend)
-        return DraftModelDrafter(open_backend(path, draft_opts), target_vocab=target.info.n_vocab)
-    raise ValueError(f"unknown drafter {spec!r}: use auto, ngram, redrafter[:<path>], model:<id or path>, "
-                     "xvocab:<id or path> or none")
+    def text(self) -> str:
+        """Drain the stream and return the whole text."""
+        return "".join(self)
 
 
 class Runtime:
     def __init__(self, backend: Backend, model: str, drafter: Drafter | None = None,
-                 width: int | None = None, fixed_depth: int | None = None):
+                 width: int | None = None, fixed_depth: int | None = None, exact: bool = False):
         self.backend = backend
         self.model = model
-        self.lock = threading.RLock()
         self.last_stats: Stats | None = None
         self.drafter = drafter
+        self.exact = exact
+        self.notices: list[str] = []  # one-line messages from loading (e.g. adaptation switched off)
+        self.prompt_cache: PromptCache | None = None
+        self.plan = None  # the memory plan, when loaded with a budget
+        self.closed = False
+        self._cond = threading.Condition(threading.Lock())
+        self._owner_ref: weakref.ref[Generation] | None = None  # weak: an abandoned stream frees the model
+        self._in_step = False
+        self._owner_thread: int | None = None
+        self._waiting: deque[Generation] = deque()
         costs = None
         if drafter is not None and fixed_depth is None:
             costs = calibrate(backend)  # seed the cost model (~1 s)
             backend.truncate(0)
-        self.controller = controller_for(drafter, width, fixed_depth, costs, backend.exact_rows)
-        self.plan = None  # the memory plan, when loaded with a budget
+        self.controller = controller_for(drafter, width, fixed_depth, costs, backend.exact_rows if exact else None)
+
+    # ---- ownership ------------------------------------------------------------------------------
+    @property
+    def _owner(self) -> Generation | None:
+        ref = self._owner_ref
+        return ref() if ref is not None else None
+
+    def _set_owner(self, gen: Generation | None, thread: int | None = None) -> None:
+        self._owner_ref = weakref.ref(gen) if gen is not None else None
+        self._in_step, self._owner_thread = gen is not None, thread
+
+    def _acquire(self, gen: Generation, timeout: float | None, closing: bool = False) -> None:
+        me = threading.get_ident()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            if self.closed and not closing:
+                raise ClosedError("this runtime has been closed")
+            if self._owner is gen:
+                self._set_owner(gen, me)
+                return
+            self._waiting.append(gen)
+            try:
+                while True:
+                    if self.closed and closing:
+                        raise ClosedError("this runtime has been closed")
+                    owner = self._owner
+                    free = owner is None and self._waiting[0] is gen
+                    # the owner waits at a yield, and it is this thread that drives it: waiting would never
+                    # end, so it is preempted (its cache saved, restored when it resumes)
+                    preempt = owner is not None and not self._in_step and self._owner_thread == me
+                    if free or preempt:
+                        if preempt:
+                            owner._suspend()
+                        self._set_owner(gen, me)
+                        return
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise BusyError(f"the model is serving another request (waited {timeout:.1f} s)")
+                    self._cond.wait(left)
+            finally:
+                self._waiting.remove(gen)
+                self._cond.notify_all()
+
+    def _pause(self, gen: Generation) -> None:
+        with self._cond:
+            if self._owner is gen:
+                self._in_step = False
+                self._cond.notify_all()
+
+    def _release(self, gen: Generation) -> None:
+        with self._cond:
+            if self._owner in (gen, None):
+                self._set_owner(None)
+            self._cond.notify_all()
 
     # ---- prompts --------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ClosedError("this runtime has been closed")
+
     def encode_chat(self, messages: list[dict]) -> list[int]:
+        self._check_open()
         info = self.backend.info
-        text = render(info.chat_template, messages, info.bos_text, info.eos_text, add_generation_prompt=True)
+        try:
+            text = render(info.chat_template, messages, info.bos_text, info.eos_text, add_generation_prompt=True)
+        except (ValueError, TypeError) as e:
+            raise TemplateError(str(e)) from e
+        except Exception as e:  # jinja2's TemplateError and anything a template raises
+            raise TemplateError(f"the chat template of {info.name} failed to render: {type(e).__name__}: {e}") from e
         add_special = not (info.bos_text and text.startswith(info.bos_text))
         return self.backend.tokenize(text, add_special=add_special, parse_special=True)
 
@@ -207,6 +318,7 @@ class Runtime:
         The system message and the latest message are always kept; if those alone do not fit,
         ``PromptTooLongError`` is raised. Returns the prompt tokens and how many messages were dropped.
         """
+        check_messages(messages)
         n_ctx = self.backend.n_ctx
         head = [m for m in messages[:1] if m.get("role") == "system"]
         body = messages[len(head):]
@@ -221,51 +333,46 @@ class Runtime:
             raise PromptTooLongError(f"the last message needs {len(tokens)} tokens but the context holds {n_ctx}")
         return tokens, dropped
 
-    # ---- generation -----------------------------------------------------------------------------
-    def _tokens(self, prompt: str | list[int]) -> list[int]:
+    def tokens_of(self, prompt: str | list[int]) -> list[int]:
+        self._check_open()
         if isinstance(prompt, str):
             return self.backend.tokenize(prompt, add_special=True, parse_special=False)
         return list(prompt)
 
-    def stream_tokens(self, tokens: list[int], req: Request, stats: Stats, out: list[int]) -> Iterator[str]:
-        with self.lock:
-            self.last_stats = stats
-            steps = plain_steps if self.drafter is None else speculative_steps(self.drafter, self.controller)
-            adapter = getattr(self.drafter, "adapter", None)
-            if adapter is not None:
-                adapter.busy.set()  # an adaptation step in flight stops at its next step
-            try:
-                yield from stream(self.backend, tokens, req.config(), stats, steps=steps, cancel=req.cancel,
-                                  out_tokens=out, want_hidden=getattr(self.drafter, "needs_hidden", False))
-            finally:
-                if adapter is not None:
-                    adapter.busy.clear()
-                    adapter.start()  # learn from this request between requests, in the background
+    # ---- generation -----------------------------------------------------------------------------
+    def start(self, tokens: list[int], req: Request, dropped: int = 0, drafter: Drafter | None = None) -> Generation:
+        """A request for ``tokens`` (checked now; it runs when iterated). ``drafter``: this request's own
+        drafter instead of the runtime's (under a controller seeded with the runtime's measured costs)."""
+        self._check_open()
+        if not tokens:
+            raise ValueError("the prompt is empty")
+        if len(tokens) >= self.backend.n_ctx:
+            raise PromptTooLongError(f"the prompt has {len(tokens)} tokens but the context holds "
+                                     f"{self.backend.n_ctx}; shorten it or load with a larger n_ctx")
+        return Generation(self, tokens, req, dropped, drafter)
 
-    def stream(self, prompt: str | list[int], **kwargs) -> Iterator[str]:
-        """Yield text chunks of a raw completion of ``prompt``; stats land in ``last_stats``."""
+    def stream(self, prompt: str | list[int], **kwargs) -> Generation:
+        """Text chunks of a raw completion of ``prompt``; the returned ``Generation`` carries its ``stats``."""
         req = Request(**kwargs)
-        return self.stream_tokens(self._tokens(prompt), req, Stats(), [])
+        return self.start(self.tokens_of(prompt), req)
 
     def generate(self, prompt: str | list[int], **kwargs) -> Completion:
         """Complete a raw prompt (no chat template)."""
-        req, stats, out = Request(**kwargs), Stats(), []
-        text = "".join(self.stream_tokens(self._tokens(prompt), req, stats, out))
-        return Completion(text, out, stats)
+        gen = self.stream(prompt, **kwargs)
+        return Completion(gen.text(), gen.tokens, gen.stats)
 
-    def chat(self, messages: list[dict], stream: bool = False, **kwargs) -> Completion | Iterator[str]:
+    def chat(self, messages: list[dict], stream: bool = False, **kwargs) -> Completion | Generation:
         """Answer a conversation ([{"role", "content"}, ...]) through the model's chat template.
 
         The KV cache is reused for the longest common prefix with the previous request, so a growing
-        conversation only evaluates its new tokens. With ``stream=True`` returns an iterator of chunks.
+        conversation only evaluates its new tokens. With ``stream=True`` returns the ``Generation``.
         """
-        req, stats, out = Request(**kwargs), Stats(), []
-        with self.lock:
-            tokens, dropped = self.fit_messages(messages, reserve=min(req.max_tokens, self.backend.n_ctx // 4))
-        chunks = self.stream_tokens(tokens, req, stats, out)
+        req = Request(**kwargs)
+        tokens, dropped = self.fit_messages(messages, reserve=min(req.max_tokens, self.backend.n_ctx // 4))
+        gen = self.start(tokens, req, dropped)
         if stream:
-            return chunks
-        return Completion("".join(chunks), out, stats, dropped)
+            return gen
+        return Completion(gen.text(), gen.tokens, gen.stats, dropped)
 
     def session(self, system: str | None = None) -> ChatSession:
         from edgespec.session import ChatSession
@@ -273,13 +380,14 @@ class Runtime:
         return ChatSession(self, system)
 
     def memory(self):
+        self._check_open()
         return self.backend.memory()
 
     def memory_stats(self) -> dict:
         """Live memory figures: resident set, peak, budget and headroom, KV use, drafter footprint."""
         from edgespec.memory.live import peak_rss_bytes, rss_bytes
 
-        m = self.backend.memory()
+        m = self.memory()
         out = {"rss": rss_bytes(), "peak_rss": peak_rss_bytes(), "kv_used": m.kv_used_bytes,
                "kv_reserved": m.kv_reserved_bytes, "weights": m.weights_bytes, "n_cached": m.n_cached, "n_ctx": m.n_ctx,
                "drafter": self.drafter.footprint()["now"] if self.drafter is not None else 0}
@@ -288,10 +396,19 @@ class Runtime:
         return out
 
     def close(self) -> None:
-        with self.lock:
-            self.backend.close()
-            if self.drafter is not None:
-                self.drafter.close()
+        """Free the model: a stream in another thread finishes its step first; a waiting stream is dropped;
+        adapted drafter state is saved. Later calls raise ``ClosedError``."""
+        with self._cond:
+            if self.closed:
+                return
+            while self._owner is not None and self._in_step:
+                self._cond.wait()
+            self.closed = True
+            self._set_owner(None)
+            self._cond.notify_all()
+        if self.drafter is not None:
+            self.drafter.close()
+        self.backend.close()
 
     def __enter__(self):
         return self
@@ -300,36 +417,20 @@ class Runtime:
         self.close()
 
 
-def load(model: str = registry.DEFAULT_MODEL, **options) -> Runtime:
-    """Load a model by registry id or ``.gguf`` path (downloading a registry model on first use).
-
-    Options: n_ctx, n_threads, kv_type (f16|q8_0|q4_0), backend (auto|llama.cpp|mlx), draft (None,
-    "auto", "ngram", "redrafter" or "model:<id>"), draft_depth (fix the depth instead of the cost-aware controller),
-    draft_width.
-    """
-    opts = LoadOptions(**options)
-    path = registry.resolve(model)
-    budget = None
-    if opts.memory_budget is not None:
-        opts, budget = apply_plan(opts, path, str(model))
-    backend = open_backend(path, opts)
-    drafter = make_drafter(opts.draft, backend, opts, str(model)) if opts.draft else None
-    rt = Runtime(backend, model, drafter, opts.draft_width, opts.draft_depth)
-    if budget is not None:
-        rt.plan = budget
-        rt.controller.memory = MemoryGuard(budget.budget, node_bytes(read_shape(path)))
-    return rt
+def check_messages(messages) -> None:
+    """A conversation is a non-empty list of {"role": str, "content": str} (content may be None for tool calls)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"messages[{i}] must be a dict with a string 'role'")
+        if m.get("content") is not None and not isinstance(m["content"], str):
+            raise ValueError(f"messages[{i}].content must be a string")
 
 
-def apply_plan(opts: LoadOptions, path: Path, model: str):
-    """Options rewritten by the memory planner for ``opts.memory_budget`` (raises ``BudgetError``)."""
-    import dataclasses
+def load(model: str | None = None, **options) -> Runtime:
+    """``edgespec.build.load`` (kept here for ``from edgespec.runtime import load``)."""
+    from edgespec import registry
+    from edgespec.build import load as _load
 
-    from edgespec.memory.planner import plan
-
-    draft = resolve_draft(opts.draft, model)
-    weights = redrafter_weights(model) if draft == "redrafter" else None
-    p = plan(path, parse_size(opts.memory_budget), want_ctx=opts.n_ctx, draft=None if draft == "none" else draft,
-             backend=pick_backend(opts.backend), draft_bytes=drafter_bytes(draft, weights) if draft else 0)
-    opts = dataclasses.replace(opts, n_ctx=p.n_ctx, kv_type=p.kv_type, n_batch=p.n_batch, draft=p.draft)
-    return opts, p
+    return _load(model or registry.DEFAULT_MODEL, **options)

@@ -1,6 +1,9 @@
 """Sampling: temperature, top-k and top-p warping of a logits row, and drawing from the result.
 
 Greedy (temperature 0) never builds a distribution: it is one ``argmax`` over the row.
+Randomness comes per output position (``PositionRng``): the token at position k is drawn from the stream
+seeded by (seed, k), so sampled text does not depend on how many numbers earlier steps drew (how deep
+the controller drafted, whether a request was preempted).
 ``probs`` returns the exact warped distribution that ``sample`` draws from, so that speculative
 acceptance can compare the target's and the drafter's distributions as they would be sampled.
 """
@@ -80,3 +83,13 @@ def sample_from(p: np.ndarray, rng: np.random.Generator) -> int:
     """Draw one token from a distribution (inverse CDF; robust to rounding at the tail)."""
     c = np.cumsum(p)
     return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
+
+
+class PositionRng:
+    """A random stream per output position, all derived from one seed (a random one when ``seed`` is None)."""
+
+    def __init__(self, seed: int | None):
+        self.seed = int(np.random.SeedSequence().entropy % (1 << 63)) if seed is None else int(seed)
+
+    def at(self, pos: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed & ((1 << 63) - 1), pos])

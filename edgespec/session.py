@@ -29,26 +29,32 @@ class ChatSession:
         self.dropped = 0
 
     def send(self, text: str, **kwargs) -> Iterator[str]:
-        """Stream the reply to ``text``. The (possibly partial, if cancelled) reply joins the history."""
+        """Stream the reply to ``text``. The (possibly partial, if cancelled) reply joins the history.
+        Bad options and a conversation that cannot fit raise here, before anything is generated."""
         req = Request(**kwargs)
-        self.messages.append({"role": "user", "content": text})
         rt = self.runtime
-        stats, out, reply = Stats(), [], []
+        msgs = self.messages + [{"role": "user", "content": text}]
+        tokens, dropped = rt.fit_messages(msgs, reserve=min(req.max_tokens, rt.backend.n_ctx // 4))
+        gen = rt.start(tokens, req, dropped)
+        if dropped:
+            head = 1 if msgs[0]["role"] == "system" else 0
+            del msgs[head:head + dropped]
+            self.dropped += dropped
+        self.messages = msgs
+        return self._run(gen)
+
+    def _run(self, gen) -> Iterator[str]:
+        reply = []
         try:
-            with rt.lock:
-                tokens, dropped = rt.fit_messages(self.messages, reserve=min(req.max_tokens, rt.backend.n_ctx // 4))
-                if dropped:
-                    head = 1 if self.messages[0]["role"] == "system" else 0
-                    del self.messages[head:head + dropped]
-                    self.dropped += dropped
-                for chunk in rt.stream_tokens(tokens, req, stats, out):
-                    reply.append(chunk)
-                    yield chunk
+            for chunk in gen:
+                reply.append(chunk)
+                yield chunk
         finally:
+            gen.close()
             if reply:
                 self.messages.append({"role": "assistant", "content": "".join(reply)})
             else:  # nothing was answered (error or immediate cancel): forget the question too
                 self.messages.pop()
-            if stats.finish_reason:
-                self.last_stats = stats
-                self.turns.append(stats)
+            if gen.stats.finish_reason:
+                self.last_stats = gen.stats
+                self.turns.append(gen.stats)

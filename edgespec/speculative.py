@@ -4,10 +4,15 @@ Each step the drafter continues the *root* (the target's newest token, not yet i
 The target evaluates ``[root] + tree`` in one batch; row 0 predicts the first draft level and row
 ``i + 1`` predicts the children of draft node ``i``. Acceptance walks down from the root:
 
-* greedy: follow the child whose token is the target's argmax (exact);
-* sampling: try the children in order, accept child x with probability min(1, p(x)/q(x)); on a
-  rejection p becomes the residual norm(max(0, p - q)) and x leaves q; when every child is rejected,
-  sample from what is left of p. With a deterministic drafter q is a point mass (q(x) = 1).
+* a deterministic tree (``q`` is None: greedy, n-gram, ReDrafter beams): the target draws its own token at
+  each level, exactly as plain decoding would (argmax, or the sample of output position k from the stream
+  ``rng.at(k)``), and the walk follows the child with that token. A point-mass draft is accepted with
+  probability p(x), as rejection sampling would, and the text is a function of the seed alone, whatever
+  the drafter proposed and however deep the controller drafted;
+* a sampled tree (each node drawn from a distribution q, shared by siblings drawn without replacement):
+  try the children in order, accept child x with probability min(1, p(x)/q(x)); on a rejection p becomes
+  the residual norm(max(0, p - q)) and x leaves q; when every child is rejected, sample from what is left
+  of p. All draws for output position k come from ``rng.at(k)``.
 
 The target's token after the accepted chain (correction or bonus) becomes the next root.
 """
@@ -23,13 +28,21 @@ from edgespec.backends.base import Backend, ForwardOut
 from edgespec.controller import Controller
 from edgespec.generate import Stats, StepSource
 from edgespec.models.drafter import DraftContext, Drafter, DraftTree, TreeShape, VerifyResult
-from edgespec.sampling import SamplingParams, probs, sample, sample_from
+from edgespec.sampling import PositionRng, SamplingParams, probs, sample, sample_from
 
 
 def accept_greedy(tree: DraftTree, logits: np.ndarray) -> tuple[list[int], int]:
+    return accept_matching(tree, logits, SamplingParams(), None, 0)
+
+
+def accept_matching(tree: DraftTree, logits: np.ndarray, sp: SamplingParams, rng: PositionRng | None,
+                    pos: int) -> tuple[list[int], int]:
+    """Deterministic trees: the target's own token at each level (argmax, or its sample of output position
+    ``pos + depth``); follow the child that matches it."""
     accepted, node = [], -1
     while True:
-        target = int(np.argmax(logits[node + 1]))
+        row = logits[node + 1]
+        target = int(np.argmax(row)) if sp.greedy else sample(row, sp, rng.at(pos + len(accepted)))
         child = next((c for c in tree.children(node) if tree.tokens[c] == target), None)
         if child is None:
             return accepted, target
@@ -37,18 +50,35 @@ def accept_greedy(tree: DraftTree, logits: np.ndarray) -> tuple[list[int], int]:
         node = child
 
 
+def check_siblings_share_q(tree: DraftTree) -> None:
+    """The multi-candidate rule is exact only when siblings were drawn without replacement from one q."""
+    if tree.q is None:
+        return
+    for node in [-1] + list(range(len(tree.tokens))):
+        kids = tree.children(node)
+        first = tree.q[kids[0]] if kids else None
+        for c in kids[1:]:
+            if tree.q[c] is not first and not np.array_equal(tree.q[c], first):
+                raise ValueError(f"draft nodes {kids[0]} and {c} are siblings with different q: the acceptance "
+                                 "rule needs siblings drawn from one shared distribution")
+
+
 def accept_sampling(tree: DraftTree, logits: np.ndarray, sp: SamplingParams,
-                    rng: np.random.Generator) -> tuple[list[int], int]:
+                    rng: PositionRng | np.random.Generator, pos: int = 0) -> tuple[list[int], int]:
+    """Rejection sampling over a tree of sampled nodes (``rng``: a ``PositionRng``, or one Generator for
+    every position)."""
+    check_siblings_share_q(tree)
     accepted, node = [], -1
     while True:
         p = probs(logits[node + 1], sp)
+        g = rng.at(pos + len(accepted)) if isinstance(rng, PositionRng) else rng
         q = None
         for child in tree.children(node):
             x = tree.tokens[child]
             if tree.q is not None and q is None:
                 q = tree.q[child].astype(np.float64)  # siblings share the distribution they were drawn from
             qx = 1.0 if q is None else q[x]
-            if qx > 0 and rng.random() * qx < p[x]:  # accept with probability min(1, p(x) / q(x))
+            if qx > 0 and g.random() * qx < p[x]:  # accept with probability min(1, p(x) / q(x))
                 accepted.append(child)
                 node = child
                 break
@@ -61,18 +91,19 @@ def accept_sampling(tree: DraftTree, logits: np.ndarray, sp: SamplingParams,
                 q = q / q.sum() if q.sum() > 0 else q
             p = p / p.sum()
         else:  # every child rejected, or a leaf reached: the target picks the next token
-            return accepted, sample_from(p, rng)
+            return accepted, sample_from(p, g)
 
 
 def speculative_steps(drafter: Drafter, controller: Controller) -> StepSource:
     """A step source for ``generate.stream`` that speculates with ``drafter`` under ``controller``."""
 
-    def steps(backend: Backend, first: ForwardOut, sp: SamplingParams, rng: np.random.Generator,
+    def steps(backend: Backend, first: ForwardOut, sp: SamplingParams, rng: PositionRng,
               stats: Stats) -> Iterator[list[int]]:
         drafter.reset()
         logits = first.logits[-1]
         hidden = first.hidden[-1] if first.hidden is not None else None
-        root = sample(logits, sp, rng)
+        root = sample(logits, sp, None if sp.greedy else rng.at(0))
+        pos = 1  # output position of the first draft level
         yield [root]
         while True:
             room = backend.n_ctx - len(backend.cached) - 1
@@ -84,10 +115,11 @@ def speculative_steps(drafter: Drafter, controller: Controller) -> StepSource:
             t1 = time.perf_counter()
             out = backend.forward([root] + tree.tokens, [-1] + [p + 1 for p in tree.parents])
             t2 = time.perf_counter()
-            if sp.greedy:
-                accepted, nxt = accept_greedy(tree, out.logits)
+            if sp.greedy or tree.q is None:
+                accepted, nxt = accept_matching(tree, out.logits, sp, rng, pos)
             else:
-                accepted, nxt = accept_sampling(tree, out.logits, sp, rng)
+                accepted, nxt = accept_sampling(tree, out.logits, sp, rng, pos)
+            pos += len(accepted) + 1
             backend.commit([0] + [i + 1 for i in accepted])
             drafter.observe(VerifyResult(tree, accepted, nxt, out.hidden, out.logits, root, hidden))
             controller.observe(tree, accepted, draft_s=t1 - t0, verify_s=t2 - t1)
@@ -116,4 +148,4 @@ def _count(stats: Stats, tree: DraftTree, accepted: list[int], draft_s: float) -
         stats.accepted_per_depth[d] += 1  # ... and the target accepted that far
 
 
-__all__ = ["accept_greedy", "accept_sampling", "speculative_steps", "TreeShape"]
+__all__ = ["accept_greedy", "accept_matching", "accept_sampling", "speculative_steps", "TreeShape"]

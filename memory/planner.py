@@ -11,6 +11,7 @@ A plan keeps ``SAFETY`` of the budget free for what the model does not predict (
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,19 +20,9 @@ from edgespec.memory.footprint import Footprint, ModelShape, read_shape, run_foo
 SAFETY = 0.05
 KV_ORDER = ("f16", "q8_0", "q4_0")
 BATCHES = (512, 128, 32)
-NGRAM_BYTES = 8 << 20  # the n-gram index of a 4k-token context, generously
 SPEC_TREE_NODES = 4  # verify nodes planned for (the live guard caps the tree to what fits at run time)
-
-
-def drafter_bytes(draft: str | None, weights=None) -> int:
-    """Declared memory of a drafter: the n-gram index, or a ReDrafter head (``redrafter.declared_bytes``)."""
-    if not draft:
-        return 0
-    if draft.startswith("redrafter") and weights is not None:
-        from edgespec.models.redrafter import declared_bytes
-
-        return declared_bytes(Path(weights))
-    return NGRAM_BYTES
+BACKEND_KV = {"mlx": ("f16",)}  # KV types a backend can hold (default: all of KV_ORDER)
+DraftBytes = Callable[[int, str], int]  # (n_ctx, kv_type) -> bytes the drafter holds (declared by the core)
 
 
 class BudgetError(ValueError):
@@ -79,18 +70,19 @@ def _fits(fp: Footprint, budget: int) -> bool:
 
 
 def plan(model: str | Path | ModelShape, budget: int, want_ctx: int = 4096, min_ctx: int = 512,
-         draft: str | None = "ngram", backend: str = "llama.cpp", draft_bytes: int | None = None) -> Plan:
+         draft: str | None = None, backend: str = "llama.cpp", draft_bytes: DraftBytes | int = 0) -> Plan:
     """Choose context, KV type, batch and drafter for ``budget`` bytes, or raise ``BudgetError``.
-    ``draft_bytes``: the drafter's declared memory (default: ``drafter_bytes(draft)``)."""
+    ``draft_bytes``: the drafter's declared memory for a context and KV type (the drafter declares it; a
+    draft model's weights and KV cache grow with the context)."""
     shape = model if isinstance(model, ModelShape) else read_shape(model)
-    if min_ctx > want_ctx:
-        raise ValueError(f"min_ctx ({min_ctx}) is larger than the wanted context ({want_ctx})")
+    min_ctx = min(min_ctx, want_ctx)
+    kv_order = BACKEND_KV.get(backend, KV_ORDER)
+    extra_of = draft_bytes if callable(draft_bytes) else (lambda ctx, kv: draft_bytes)
 
     def footprint(ctx: int, kv: str, batch: int, spec: bool) -> Footprint:
-        extra = (drafter_bytes(draft) if draft_bytes is None else draft_bytes) if spec else 0
-        return run_footprint(shape, ctx, kv, batch, SPEC_TREE_NODES if spec else 1, extra)
+        return run_footprint(shape, ctx, kv, batch, SPEC_TREE_NODES if spec else 1, extra_of(ctx, kv) if spec else 0)
 
-    least = lambda spec: int(footprint(min_ctx, KV_ORDER[-1], BATCHES[-1], spec).total / (1 - SAFETY)) + 1
+    least = lambda spec: int(footprint(min_ctx, kv_order[-1], BATCHES[-1], spec).total / (1 - SAFETY)) + 1
     plain_min, spec_min = least(False), least(True)
     ctxs = []
     c = want_ctx
@@ -99,11 +91,11 @@ def plan(model: str | Path | ModelShape, budget: int, want_ctx: int = 4096, min_
         c //= 2
     for spec in ((True, False) if draft else (False,)):
         for ctx in ctxs:
-            for kv in KV_ORDER:
+            for kv in kv_order:
                 for batch in BATCHES:
                     fp = footprint(ctx, kv, batch, spec)
                     if _fits(fp, budget):
                         return Plan(budget, backend, ctx, kv, batch, draft if spec else None,
                                     SPEC_TREE_NODES if spec else 1, fp, plain_min, spec_min)
     raise BudgetError(f"a budget of {fmt(budget)} is too small for this model: plain decoding needs at least "
-                      f"{fmt(plain_min)} (context {min_ctx}, KV q4_0), speculation {fmt(spec_min)}")
+                      f"{fmt(plain_min)} (context {min_ctx}, KV {kv_order[-1]}), speculation {fmt(spec_min)}")

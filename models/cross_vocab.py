@@ -39,6 +39,11 @@ def vocab_bytes(backend: Backend) -> list[bytes]:
     return [backend.token_bytes(i) for i in range(backend.info.n_vocab)]
 
 
+def declared_cache_bytes(n_draft_vocab: int, capacity: int = 50_000) -> int:
+    """The most a ``Translator`` holds: its direct map and a full span cache (``Translator.nbytes``)."""
+    return 8 * n_draft_vocab + 150 * capacity
+
+
 class Translator:
     """Draft-token runs to target tokens: the n-gram cache, then the direct (intersection) map."""
 
@@ -153,6 +158,9 @@ class CrossVocabDrafter:
     """A draft model with its own vocabulary drafting a chain of target tokens (see the module docstring)."""
 
     name = "cross-vocab"
+    needs_hidden = False
+    max_depth = 6
+    default_width = 1
     # The controller gates it (acceptance EMA vs measured costs, with probes): syncing the draft model costs
     # a forward per step, which a self-gating drafter would pay even when it drafts nothing (0.76x here).
     self_gating = False

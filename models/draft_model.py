@@ -15,6 +15,10 @@ from edgespec.models.drafter import DraftContext, DraftTree, TreeShape, VerifyRe
 
 class DraftModelDrafter:
     name = "draft-model"
+    needs_hidden = False
+    self_gating = False
+    max_depth = 6
+    default_width = 1
 
     def __init__(self, backend: Backend, target_vocab: int | None = None):
         if target_vocab is not None and backend.info.n_vocab > target_vocab:

@@ -79,7 +79,19 @@ class VerifyResult:
 
 
 class Drafter(Protocol):
+    """What the core asks of a drafter. The class attributes are read by the controller and the runtime.
+
+    Contract for sampled trees (``q`` not None): the multi-candidate acceptance rule is exact only when the
+    children of a node were drawn without replacement from one shared q, so siblings must carry the same
+    q (``speculative.check_siblings_share_q`` enforces it). A tree with ``q`` None is deterministic: the
+    target samples its own token at each level and the walk follows the matching child.
+    """
+
     name: str
+    needs_hidden: bool  # propose() reads DraftContext.hidden (the backend must return hidden states)
+    self_gating: bool  # it predicts its own acceptance and gates each node by TreeShape.node_cost
+    max_depth: int  # deepest draft it makes
+    default_width: int  # candidates per node when the user sets none
 
     def propose(self, ctx: DraftContext, shape: TreeShape) -> DraftTree: ...
 

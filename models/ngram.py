@@ -31,6 +31,9 @@ class NgramConfig:
 
 class NgramDrafter:
     name = "ngram"
+    needs_hidden = False
+    max_depth = 6
+    default_width = 1
     self_gating = True  # predicts its own acceptance per match length
 
     def __init__(self, cfg: NgramConfig | None = None):

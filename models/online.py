@@ -31,6 +31,7 @@ rename) with a format version and a SHA-256, so a crash mid-save leaves the prev
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,17 +56,43 @@ class OnlineConfig:
     bias_lr: float = 30.0  # the output bias (the domain's token prior) learns at bias_lr * lr
     seed: int = 0
     shortlist_loss: float = 0.3  # weight of the shortlist factors' own loss (which tokens get exact scores)
+    save_every_s: float = 300.0  # the adapted state is written at most this often, and at ``close``
 
 
 def state_path(root: Path, target: str) -> Path:
     return root / "adapted" / f"redrafter-{target}.npz"
 
 
+TORCH_IMPORT_BYTES = 420 << 20  # resident set added by importing the trainer (torch 2.13 CPU), see footprint
+
+
+def declared_bytes(weights: Path, cfg: OnlineConfig | None = None) -> int:
+    """What adaptation of the head in ``weights`` will hold (``OnlineAdapter.footprint``), from the file alone."""
+    cfg = cfg or OnlineConfig()
+    with np.load(weights) as z:
+        import json
+
+        n_embd = json.loads(str(z["meta"]))["config"]["n_embd"]
+        trained = sum(z[k].size for k in TRAINED if k in z.files)
+        n_draft = z["vocab"].size
+    return _bytes(cfg, n_embd, trained, n_draft, depth=4)
+
+
+def _bytes(cfg: OnlineConfig, n_embd: int, trained: int, n_draft: int, depth: int) -> int:
+    buf = cfg.capacity * (2 * n_embd + 8 * depth + depth * cfg.top_k * (8 + 4))
+    rows = cfg.batch * (cfg.top_k + cfg.negatives) * n_embd * 4
+    shortlist = depth * 2 * cfg.batch * n_draft * 4  # low-rank scores and their log-softmax
+    return 4 * 4 * trained + buf + rows + shortlist + TORCH_IMPORT_BYTES
+
+
 class OnlineAdapter:
-    def __init__(self, drafter, cfg: OnlineConfig | None = None, path: Path | None = None):
+    def __init__(self, drafter, cfg: OnlineConfig | None = None, path: Path | None = None, base: str | None = None):
         self.d = drafter
         self.cfg = cfg or OnlineConfig()
         self.path = path
+        self.base = base  # digest of the weights this state is adapted from
+        self._saved_at = time.monotonic()
+        self._dirty = False
         self.depth = 4
         n, k, L = self.cfg.capacity, self.cfg.top_k, self.depth
         self.h = np.zeros((n, drafter.cfg.n_embd), np.float16)
@@ -216,22 +243,29 @@ class OnlineAdapter:
         self._thread.start()
 
     def _background(self) -> None:
-        if self.adapt(stop=self.busy) and self.path is not None:
-            self.save()
+        if self.adapt(stop=self.busy):
+            self._dirty = True
+            if time.monotonic() - self._saved_at >= self.cfg.save_every_s:
+                self.save()
 
     def wait(self) -> None:
         if self._thread is not None:
             self._thread.join()
 
+    def close(self) -> None:
+        """Finish a running update and write the state if it changed since the last save."""
+        self.wait()
+        if self._dirty:
+            self.save()
+
     def save(self) -> None:
-        redrafter.save(self.path, self.d.cfg, self.d.vocab, self.d.p_np)
+        if self.path is not None:
+            redrafter.save(self.path, self.d.cfg, self.d.vocab, self.d.p_np, base=self.base)
+        self._saved_at, self._dirty = time.monotonic(), False
 
     def footprint(self) -> int:
         """Bytes for the buffer, the trained part's parameters, gradients and AdamW moments, the output rows of
-        one step's candidate set (at most batch x (top-k + negatives) rows, fp32) and the shortlist loss's
-        draft-vocabulary scores kept for the backward pass."""
-        trained = sum(self.d.p_np[k].size for k in TRAINED if k in self.d.p_np) * 4
-        buf = self.h.nbytes + self.tokens.nbytes + self.top_ids.nbytes + self.top_logp.nbytes
-        rows = self.cfg.batch * (self.cfg.top_k + self.cfg.negatives) * self.d.cfg.n_embd * 4
-        shortlist = self.depth * 2 * self.cfg.batch * len(self.d.vocab) * 4  # low-rank scores and their log-softmax
-        return 4 * trained + buf + rows + shortlist
+        one step's candidate set (at most batch x (top-k + negatives) rows, fp32), the shortlist loss's
+        draft-vocabulary scores kept for the backward pass, and the trainer's own import."""
+        trained = sum(self.d.p_np[k].size for k in TRAINED if k in self.d.p_np)
+        return _bytes(self.cfg, self.d.cfg.n_embd, trained, len(self.d.vocab), self.depth)

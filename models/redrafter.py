@@ -24,8 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -86,37 +87,85 @@ def weights_path(target: str) -> Path:
     return WEIGHTS_DIR / f"redrafter-{target}.npz"
 
 
-def save(path: Path, cfg: ReDrafterConfig, vocab: np.ndarray, params: dict[str, np.ndarray]) -> None:
-    """Write fp16 weights atomically, with the config, a format version and a SHA-256 of the arrays."""
+def save(path: Path, cfg: ReDrafterConfig, vocab: np.ndarray, params: dict[str, np.ndarray],
+         base: str | None = None) -> None:
+    """Write fp16 weights atomically, with the config, a format version and a SHA-256 of the arrays.
+    ``base``: for an adapted state, the ``file_digest`` of the weights it was adapted from."""
     arrays = {k: np.asarray(v, np.float16) for k, v in params.items()}
     arrays["vocab"] = np.asarray(vocab, np.int32)
     meta = {"config": asdict(cfg), "version": FORMAT_VERSION, "sha256": _digest(arrays)}
+    if base is not None:
+        meta["base"] = base
     save_npz_atomic(path, {"meta": np.array(json.dumps(meta)), **arrays})
 
 
 def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write an .npz so that a crash leaves either the old file or the new one: temp file, fsync, rename."""
+    """Write an .npz so that a crash leaves either the old file or the new one, and two processes saving at
+    once leave one of theirs whole: a temporary file of a unique name, fsync, rename, fsync of the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+META_KEYS = {"config", "version", "sha256", "base"}
+
+
+def read_meta(path: Path) -> dict:
+    """The metadata of a weights file, checked: a one-line ``ValueError`` for a file that is not an .npz of
+    ReDrafter weights, lacks metadata, or has keys this edgespec does not know."""
+    try:
+        with np.load(path) as z:
+            if "meta" not in z.files:
+                raise ValueError(f"{path} has no drafter metadata: not a ReDrafter weights file")
+            meta = json.loads(str(z["meta"]))
+    except (OSError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a readable ReDrafter weights file ({type(e).__name__})") from e
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise ValueError(f"{path} has no drafter config in its metadata")
+    unknown = set(meta) - META_KEYS
+    if unknown:
+        raise ValueError(f"{path} has unknown metadata keys {sorted(unknown)} (made by another edgespec version?)")
+    bad = set(meta["config"]) - {f.name for f in fields(ReDrafterConfig)}
+    if bad:
+        raise ValueError(f"{path} has unknown drafter config keys {sorted(bad)}")
+    if meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: weights format {meta.get('version')}, this edgespec reads {FORMAT_VERSION}")
+    return meta
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a weights file's bytes (keys an adapted state to the weights it started from)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load(path: Path) -> tuple[ReDrafterConfig, np.ndarray, dict[str, np.ndarray]]:
     """Read and verify a weights file: (config, draft vocabulary, float32 params)."""
     if not path.exists():
         raise FileNotFoundError(f"no ReDrafter weights at {path}")
+    meta = read_meta(path)
     try:
         with np.load(path) as z:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is not a readable ReDrafter weights file: {e}") from e
-    meta = json.loads(str(arrays.pop("meta")))
-    if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: weights format {meta.get('version')}, this edgespec reads {FORMAT_VERSION}")
+    arrays.pop("meta")
     if meta.get("sha256") != _digest(arrays):
         raise ValueError(f"{path}: checksum mismatch (corrupt weights file)")
     vocab = arrays.pop("vocab")
@@ -287,7 +336,7 @@ class ReDrafter:
 
     def close(self) -> None:
         if self.adapter is not None:
-            self.adapter.wait()
+            self.adapter.close()
 
 
 def _node_keys(tree: DraftTree) -> list[tuple[int, ...]]:

@@ -24,7 +24,7 @@ from edgespec.models.redrafter import ReDrafter
 from threadpoolctl import threadpool_limits
 
 from edgespec import registry
-from edgespec.runtime import redrafter_weights
+from edgespec.drafters import redrafter_weights
 
 MODEL, PROMPTS, TOKENS, DEPTH, TOP_K = "qwen2.5-coder-1.5b", 80, 64, 4, 32
 TRAFFIC = registry.cache_dir() / "replay" / f"humaneval-{MODEL}-{PROMPTS}x{TOKENS}.npz"

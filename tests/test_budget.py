@@ -7,10 +7,11 @@ import sys
 
 import pytest
 from edgespec.memory.footprint import read_shape, run_footprint
-from edgespec.memory.live import MemoryGuard, peak_rss_bytes, rss_bytes
-from edgespec.memory.planner import NGRAM_BYTES, SAFETY, BudgetError
+from edgespec.memory.live import MemoryGuard, rss_bytes
+from edgespec.memory.planner import SAFETY, BudgetError
 from edgespec.models.ngram import NgramDrafter
 
+from edgespec.drafters import NGRAM_BYTES
 from edgespec.runtime import Runtime, load
 
 TIGHT_RUN = """
@@ -63,7 +64,7 @@ def test_guard_shrinks_the_tree_then_stops_drafting(smol):
     capped = rt.generate(prompt, max_tokens=32)
     assert capped.tokens == free.tokens
     assert free.stats.drafted > 0 and capped.stats.drafted == 0
-    assert rt.memory_stats()["draft_stops"] > 0 and peak_rss_bytes() >= rss_bytes()
+    assert rt.memory_stats()["draft_stops"] > 0
 
 
 def test_memory_bench_reports_each_budget(smol_path, tmp_path):
@@ -78,5 +79,6 @@ def test_memory_bench_reports_each_budget(smol_path, tmp_path):
     fitted = [v for k, v in res.items() if k.startswith("plain+15%")][0]
     assert fitted["peak_rss"] <= fitted["budget"] and fitted["scenarios"]["chat"]["tokens"] > 0
     he = res["ngram (no budget)"]["scenarios"]["humaneval"]
-    assert he["plain_tok_s"] > 0 and he["speedup"] > 0  # its own plain decoding, in the same process
+    # its own plain decoding, in the same process: the speedup is the ratio of the two measured rates
+    assert 0.2 < he["speedup"] < 5 and he["plain_tok_s"] > 1
     assert "speedup" not in res["plain (no budget)"]["scenarios"]["humaneval"]

@@ -23,6 +23,10 @@ class OracleDrafter:
     """Proposes the known greedy continuation, plus decoy siblings: exercises deep and wide trees."""
 
     name = "oracle"
+    needs_hidden = False
+    self_gating = False
+    max_depth = 8
+    default_width = 1
 
     def __init__(self, prompt, continuation, decoy=7, spoil_every=0):
         self.full = list(prompt) + list(continuation)

@@ -1,0 +1,155 @@
+"""Building a runtime: options checked before anything loads, the backend picked for the platform, the memory
+plan applied, the drafter made. ``load`` is the one path used by the CLI, the Python API, the benches and
+the server.
+
+Defaults (the same in ``edgespec.load`` and on the command line): ``draft="auto"`` (the ReDrafter head shipped
+for the model, else the n-gram drafter; the cost-aware controller decodes plainly whenever drafting does
+not pay) and ``adapt="auto"`` (online adaptation of a ReDrafter head where its trainer, torch, is installed;
+off, with one notice, where it is not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgespec import drafters, registry
+from edgespec.backends.base import Backend
+from edgespec.memory.footprint import node_bytes, read_shape
+from edgespec.memory.live import MemoryGuard
+from edgespec.memory.planner import SAFETY, parse_size, plan
+from edgespec.runtime import Runtime
+
+BACKENDS = ("auto", "llama.cpp", "mlx")
+KV_TYPES = ("f16", "q8_0", "q4_0")
+
+
+@dataclass
+class LoadOptions:
+    n_ctx: int = 4096
+    n_threads: int | None = None
+    kv_type: str = "f16"  # f16 | q8_0 | q4_0
+    backend: str = "auto"
+    draft: str | None = "auto"  # None/"none" | "auto" | "ngram" | "redrafter[:<path>]" | "model:<id>" | "xvocab:<id>"
+    draft_depth: int | None = None  # fixed draft depth instead of the cost-aware controller
+    draft_width: int | None = None  # candidates per node / beams (default: the drafter's own)
+    n_batch: int = 512
+    adapt: bool | str = "auto"  # online adaptation of a ReDrafter head (auto: where torch is installed)
+    memory_budget: int | str | None = None  # bytes or "1.5GB": plan context/KV/batch/drafter to fit it
+    exact: bool = False  # verify batches only as large as stay bit-identical to plain decoding
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, not {self.backend!r}")
+        if self.kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type must be one of {KV_TYPES}, not {self.kv_type!r}")
+        _positive("n_ctx", self.n_ctx, 16)
+        _positive("n_batch", self.n_batch, 1)
+        if self.n_threads is not None:
+            _positive("n_threads", self.n_threads, 1)
+        if self.draft_depth is not None:
+            _positive("draft_depth", self.draft_depth, 0)
+        if self.draft_width is not None:
+            _positive("draft_width", self.draft_width, 1)
+            if self.draft_width > drafters.MAX_WIDTH:
+                raise ValueError(f"draft_width must be at most {drafters.MAX_WIDTH} (the most tree leaves a "
+                                 f"verify takes), not {self.draft_width}")
+        if self.adapt not in (True, False, "auto"):
+            raise ValueError(f"adapt must be True, False or 'auto', not {self.adapt!r}")
+        if self.memory_budget is not None:
+            parse_size(self.memory_budget)
+
+
+def _positive(name: str, value, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, not {value!r}")
+
+
+def pick_backend(name: str) -> str:
+    """``auto``: MLX on Apple Silicon when it is installed, llama.cpp everywhere else."""
+    if name != "auto":
+        return name
+    if sys.platform == "darwin":
+        import platform
+
+        if platform.machine() == "arm64":
+            try:
+                import mlx.core  # noqa: F401
+
+                return "mlx"
+            except ImportError:
+                pass
+    return "llama.cpp"
+
+
+def open_backend(path: Path, opts: LoadOptions) -> Backend:
+    kind = pick_backend(opts.backend)
+    if kind == "mlx":
+        try:
+            from edgespec.backends.mlx_backend import MlxBackend
+        except ImportError as e:
+            raise registry.ModelError(f"the MLX backend needs `pip install 'edgespec[mlx]'` ({e})") from e
+        limit = int(parse_size(opts.memory_budget) * (1 - SAFETY)) if opts.memory_budget else None
+        return MlxBackend(path, n_ctx=opts.n_ctx, n_batch=opts.n_batch, memory_limit=limit, kv_type=opts.kv_type)
+    from edgespec.backends.llama_cpp import LlamaCppBackend
+
+    return LlamaCppBackend(path, n_ctx=opts.n_ctx, n_threads=opts.n_threads, kv_type=opts.kv_type,
+                           n_batch=opts.n_batch)
+
+
+def check(model: str, opts: LoadOptions) -> drafters.DraftSpec:
+    """Everything that can be checked before a model loads: the model reference and the drafter spec."""
+    registry.check_ref(model)
+    return drafters.parse(opts.draft, str(model))
+
+
+def adapting(opts: LoadOptions, spec: drafters.DraftSpec) -> bool:
+    return spec.kind == "redrafter" and (opts.adapt is True or (opts.adapt == "auto" and drafters.trainer_available()))
+
+
+def load(model: str = registry.DEFAULT_MODEL, **options) -> Runtime:
+    """Load a model by registry id or ``.gguf`` path (downloading a registry model on first use).
+
+    Options (``LoadOptions``): n_ctx, n_threads, kv_type (f16|q8_0|q4_0), backend (auto|llama.cpp|mlx),
+    draft (auto, ngram, redrafter[:<file>], model:<id>, xvocab:<id>, none), draft_depth (fix the depth
+    instead of the cost-aware controller), draft_width, adapt (True, False, auto), memory_budget, exact.
+    """
+    opts = LoadOptions(**options)
+    spec = check(str(model), opts)
+    notices: list[str] = []
+    if opts.adapt is True and spec.kind == "redrafter" and not drafters.trainer_available():
+        notices.append("online adaptation is off: it needs torch (pip install 'edgespec[train]')")
+    adapt = adapting(opts, spec)
+    path = registry.resolve(model)
+    budget = None
+    if opts.memory_budget is not None:
+        opts, spec, budget = apply_plan(opts, path, spec, adapt)
+        adapt = adapt and spec.kind == "redrafter"
+    backend = open_backend(path, opts)
+    try:
+        draft_open = lambda p, kv: open_backend(p, dataclasses.replace(opts, kv_type=kv, backend="llama.cpp",
+                                                                       memory_budget=None))
+        drafter = drafters.make(spec, backend, str(model), draft_open, adapt=adapt, notices=notices)
+    except BaseException:
+        backend.close()
+        raise
+    rt = Runtime(backend, str(model), drafter, opts.draft_width, opts.draft_depth, exact=opts.exact)
+    rt.notices = notices
+    if budget is not None:
+        rt.plan = budget
+        rt.controller.memory = MemoryGuard(budget.budget, node_bytes(read_shape(path)))
+    return rt
+
+
+def apply_plan(opts: LoadOptions, path: Path, spec: drafters.DraftSpec, adapt: bool):
+    """Options rewritten by the memory planner for ``opts.memory_budget`` (raises ``BudgetError``): the
+    drafter's planned bytes (a draft model's weights and KV cache, a head and its adaptation) are counted."""
+    p = plan(path, parse_size(opts.memory_budget), want_ctx=opts.n_ctx, min_ctx=min(512, opts.n_ctx),
+             draft=None if spec.kind == "none" else str(spec), backend=pick_backend(opts.backend),
+             draft_bytes=drafters.planned_bytes(spec, adapt))
+    if p.draft is None:
+        spec = drafters.DraftSpec("none")
+    opts = dataclasses.replace(opts, n_ctx=p.n_ctx, kv_type=p.kv_type, n_batch=p.n_batch)
+    return opts, spec, p

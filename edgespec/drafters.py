@@ -1,0 +1,164 @@
+"""Drafter construction: a drafter spec (``auto``, ``ngram``, ``redrafter[:<file>]``, ``model:<id>``,
+``xvocab:<id>``, ``none``) checked before any model loads, its planned memory, and the drafter itself.
+
+This is the one place that turns a spec into a drafter, for the CLI, the API, the benches and the server.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgespec import registry
+from edgespec.backends.base import Backend
+from edgespec.models.drafter import Drafter
+
+SPEC_HELP = "auto, ngram, redrafter[:<weights.npz>], model:<id or path>, xvocab:<id or path> or none"
+NGRAM_BYTES = 8 << 20  # the n-gram index of a 4k-token context, generously
+DRAFT_BATCH = 512  # a draft model's prefill batch
+MAX_WIDTH = 8  # the llama.cpp backend verifies trees of at most 8 leaves (n_seq_max)
+
+
+@dataclass(frozen=True)
+class DraftSpec:
+    kind: str  # none | ngram | redrafter | model | xvocab
+    arg: str = ""  # weights file (redrafter) or model id/path (model, xvocab)
+
+    def __str__(self) -> str:
+        return self.kind + (f":{self.arg}" if self.arg else "")
+
+
+def redrafter_weights(model: str) -> Path | None:
+    """Weights for a ReDrafter head on ``model``: the user's own (``edgespec train-drafter``) first, then
+    the ones shipped with edgespec."""
+    from edgespec.models import redrafter
+
+    name = redrafter.weights_path(registry.model_key(model)).name
+    user = registry.cache_dir() / "drafters" / name
+    return user if user.exists() else redrafter.shipped(registry.model_key(model))
+
+
+def parse(spec: str | None, model: str) -> DraftSpec:
+    """Read and check a drafter spec without loading anything: ``auto`` becomes ReDrafter when weights exist
+    for ``model`` and the n-gram drafter otherwise; a missing weights file or model is a ``ModelError``."""
+    if spec is None or spec in ("", "none"):
+        return DraftSpec("none")
+    if spec == "auto":
+        return DraftSpec("redrafter", str(redrafter_weights(model))) if redrafter_weights(model) else DraftSpec("ngram")
+    if spec == "ngram":
+        return DraftSpec("ngram")
+    if spec == "redrafter" or spec.startswith("redrafter:"):
+        if ":" in spec:
+            path = Path(spec.split(":", 1)[1]).expanduser()
+            check_redrafter_file(path)
+        else:
+            path = redrafter_weights(model)
+            if path is None:
+                raise registry.ModelError(f"no ReDrafter weights for {model!r}: train one with "
+                                          f"`edgespec train-drafter --target {model}` or use --draft ngram")
+        return DraftSpec("redrafter", str(path))
+    for kind in ("model", "xvocab"):
+        if spec.startswith(kind + ":"):
+            ref = spec[len(kind) + 1:]
+            if not ref:
+                raise ValueError(f"--draft {kind}: needs a model id or .gguf path")
+            registry.check_ref(ref)
+            return DraftSpec(kind, ref)
+    raise ValueError(f"unknown drafter {spec!r}: use {SPEC_HELP}")
+
+
+def check_redrafter_file(path: Path) -> None:
+    """A one-line ``ModelError`` for a drafter file that is missing, not a file, or not ReDrafter weights."""
+    from edgespec.models import redrafter
+
+    if not path.exists():
+        raise registry.ModelError(f"no drafter weights file at {path}")
+    if not path.is_file():
+        raise registry.ModelError(f"{path} is a directory, not a drafter weights file")
+    try:
+        redrafter.read_meta(path)
+    except ValueError as e:
+        raise registry.ModelError(str(e)) from e
+
+
+def trainer_available() -> bool:
+    """Online adaptation trains with torch (the ``train`` extra)."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def planned_bytes(spec: DraftSpec, adapt: bool = False) -> Callable[[int, str], int]:
+    """Bytes the drafter will hold, as a function of the target's planned context and KV type (a draft model
+    keeps its own KV cache of the same length). The planner calls it for every candidate configuration."""
+    if spec.kind == "none":
+        return lambda n_ctx, kv_type: 0
+    if spec.kind == "ngram":
+        return lambda n_ctx, kv_type: NGRAM_BYTES
+    if spec.kind == "redrafter":
+        from edgespec.models import online, redrafter
+
+        head = redrafter.declared_bytes(Path(spec.arg))
+        extra = online.declared_bytes(Path(spec.arg)) if adapt else 0
+        return lambda n_ctx, kv_type: head + extra
+    from edgespec.memory.footprint import llama_footprint, read_shape
+
+    shape = read_shape(registry.resolve(spec.arg))
+    if spec.kind == "model":  # its own KV cache, of the target's length and KV type
+        return lambda n_ctx, kv_type: llama_footprint(shape, n_ctx, kv_type, DRAFT_BATCH, 1).total
+    from edgespec.models.cross_vocab import declared_cache_bytes
+
+    cache = declared_cache_bytes(shape.n_vocab)
+    return lambda n_ctx, kv_type: llama_footprint(shape, n_ctx, "f16", DRAFT_BATCH, 1).total + cache
+
+
+def make(spec: DraftSpec, target: Backend, model: str, open_backend: Callable[[Path, str], Backend],
+         adapt: bool = False, notices: list[str] | None = None) -> Drafter | None:
+    """Build the drafter of a parsed spec. ``open_backend(path, kv_type)`` opens a draft model's backend
+    with the target's context settings. ``adapt``: a ReDrafter adapts online (when torch is installed;
+    otherwise a line is added to ``notices`` and it does not)."""
+    if spec.kind == "none":
+        return None
+    if spec.kind == "ngram":
+        from edgespec.models.ngram import NgramDrafter
+
+        return NgramDrafter()
+    if spec.kind == "redrafter":
+        from edgespec.models.redrafter import ReDrafter
+
+        weights = Path(spec.arg)
+        if adapt and not trainer_available():
+            if notices is not None:
+                notices.append("online adaptation is off: it needs torch (pip install 'edgespec[train]')")
+            adapt = False
+        return with_adapter(ReDrafter, weights, Path(target.path), model) if adapt else \
+            ReDrafter(weights, Path(target.path))
+    path = registry.resolve(spec.arg)
+    if spec.kind == "xvocab":
+        from edgespec.models.cross_vocab import CrossVocabDrafter
+
+        return CrossVocabDrafter(open_backend(path, "f16"), target)
+    from edgespec.models.draft_model import DraftModelDrafter
+
+    return DraftModelDrafter(open_backend(path, getattr(target, "kv_type", "f16")), target_vocab=target.info.n_vocab)
+
+
+def with_adapter(cls, weights: Path, target_path: Path, model: str):
+    """A ReDrafter that adapts online. It starts from this user's adapted state only when that state was
+    adapted from these very base weights (an explicit or newly trained head wins over an older state)."""
+    from edgespec.models import redrafter
+    from edgespec.models.online import OnlineAdapter, state_path
+
+    state = state_path(registry.cache_dir(), registry.model_key(model))
+    base = redrafter.file_digest(weights)
+    drafter = None
+    if state.exists():
+        try:
+            if redrafter.read_meta(state).get("base") == base:
+                drafter = cls(state, target_path)
+        except ValueError as e:  # corrupt or from another version: start again from the base weights
+            print(f"edgespec: ignoring adapted drafter state ({e})", file=sys.stderr)
+    drafter = drafter or cls(weights, target_path)
+    drafter.adapter = OnlineAdapter(drafter, path=state, base=base)
+    return drafter
