@@ -101,11 +101,11 @@ class Backend(Protocol):
         """
         ...
 
-    def forward(self, tokens: list[int], parents: list[int]) -> ForwardOut:
+    def forward(self, tokens: list[int], parents: list[int], want_hidden: bool = True) -> ForwardOut:
         """Evaluate a tree on top of the cache. ``parents[i]`` < i, or -1 for a child of the cache end.
 
-        Node i sits at position ``len(cached) + depth(i)``. Returns outputs for every node. The nodes
-        stay pending until ``commit``.
+        Node i sits at position ``len(cached) + depth(i)``. Returns outputs for every node (``hidden`` may be
+        None unless ``want_hidden``). The nodes stay pending until ``commit``.
         """
         ...
 

@@ -93,7 +93,7 @@ class LlamaCppBackend:
 
     def __init__(self, path: str | Path, n_ctx: int = 4096, n_threads: int | None = None,
                  kv_type: str = "f16", n_batch: int = 512, n_seq_max: int = 8, flash_attn: bool = True,
-                 mmap: bool | None = None):
+                 mmap: bool | None = None, kv_unified: bool = True):
         init_once()
         if kv_type not in KV_TYPES:
             raise BackendError(f"kv_type must be one of {list(KV_TYPES)}, not {kv_type!r}")
@@ -121,7 +121,7 @@ class LlamaCppBackend:
         cparams.n_threads_batch = n_threads
         cparams.embeddings = True
         cparams.pooling_type = lc.LLAMA_POOLING_TYPE_NONE
-        cparams.kv_unified = True
+        cparams.kv_unified = kv_unified  # tree branches share the prompt's cells (needed for trees)
         cparams.swa_full = True  # sliding-window caches must be trimmable for rollback
         cparams.type_k = cparams.type_v = KV_TYPES[kv_type][0]
         # Flash attention: a quantized V cache needs it, and with it a tree node's outputs equal those of
@@ -140,6 +140,7 @@ class LlamaCppBackend:
         self.n_threads = n_threads
         self.kv_type = kv_type
         self._batch = lc.llama_batch_init(n_batch, 0, n_seq_max)
+        self._embeddings = True  # the context's current embeddings switch (llama_set_embeddings)
         self.cached: list[int] = []
         self._pending: tuple[list[int], list[int], list[list[int]]] | None = None  # tokens, parents, seqs
         self._piece_cache: dict[int, bytes] = {}
@@ -225,11 +226,13 @@ class LlamaCppBackend:
         if rc != 0:
             raise BackendError(f"llama_decode failed with code {rc}" + (" (KV cache full)" if rc == 1 else ""))
 
-    def _outputs(self, n: int) -> ForwardOut:
+    def _outputs(self, n: int, hidden: bool = True) -> ForwardOut:
         V, d = self.info.n_vocab, self.info.n_embd
         logits = np.ctypeslib.as_array(lc.llama_get_logits(self._ctx), shape=(n * V,)).reshape(n, V).copy()
-        hidden = np.ctypeslib.as_array(lc.llama_get_embeddings(self._ctx), shape=(n * d,)).reshape(n, d).copy()
-        return ForwardOut(logits=logits, hidden=hidden)
+        if not hidden:
+            return ForwardOut(logits=logits, hidden=None)
+        h = np.ctypeslib.as_array(lc.llama_get_embeddings(self._ctx), shape=(n * d,)).reshape(n, d).copy()
+        return ForwardOut(logits=logits, hidden=h)
 
     def _room(self, n: int) -> None:
         if len(self.cached) + n > self.n_ctx:
@@ -250,7 +253,7 @@ class LlamaCppBackend:
         self._drop_pending()
         self._room(len(tokens))
         bulk = tokens[:-1]
-        lc.llama_set_embeddings(self._ctx, False)
+        self._set_embeddings(False)
         try:
             for start in range(0, len(bulk), self.n_batch):
                 if cancel is not None and cancel():
@@ -259,19 +262,22 @@ class LlamaCppBackend:
                 p0 = len(self.cached)
                 self._decode(chunk, list(range(p0, p0 + len(chunk))), [[0]] * len(chunk), [False] * len(chunk))
                 self.cached.extend(chunk)
-            lc.llama_set_embeddings(self._ctx, want_hidden)
+            self._set_embeddings(want_hidden)
             self._decode([tokens[-1]], [len(self.cached)], [[0]], [True])
             self.cached.append(tokens[-1])
         finally:
-            lc.llama_set_embeddings(self._ctx, True)
+            self._set_embeddings(want_hidden)
         self.n_prefilled += len(tokens)
-        if not want_hidden:
-            V = self.info.n_vocab
-            row = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, -1), shape=(V,))
-            return ForwardOut(logits=row.reshape(1, V).copy(), hidden=None)
-        return self._outputs(1)
+        return self._outputs(1, want_hidden)
 
-    def forward(self, tokens: list[int], parents: list[int]) -> ForwardOut:
+    def _set_embeddings(self, on: bool) -> None:
+        """Hidden states cost an extra output copy per row and keep every output row alive in llama.cpp's
+        graph; they are switched on only for decodes whose caller reads them."""
+        if on != self._embeddings:
+            lc.llama_set_embeddings(self._ctx, on)
+            self._embeddings = on
+
+    def forward(self, tokens: list[int], parents: list[int], want_hidden: bool = True) -> ForwardOut:
         self._check_open()
         n = len(tokens)
         if n == 0 or n != len(parents) or n > self.n_batch:
@@ -285,8 +291,9 @@ class LlamaCppBackend:
             lc.llama_memory_seq_cp(self._mem, 0, s, -1, -1)
         c = len(self.cached)
         self._pending = (list(tokens), list(parents), seqs)
+        self._set_embeddings(want_hidden)
         self._decode(tokens, [c + d for d in depths], seqs, [True] * n)
-        return self._outputs(n)
+        return self._outputs(n, want_hidden)
 
     def _assign_seqs(self, parents: list[int]) -> list[list[int]]:
         n = len(parents)

@@ -291,7 +291,7 @@ class MlxBackend:
         self.n_prefilled += len(tokens)
         return out
 
-    def forward(self, tokens: list[int], parents: list[int]) -> ForwardOut:
+    def forward(self, tokens: list[int], parents: list[int], want_hidden: bool = True) -> ForwardOut:
         n = len(tokens)
         if n == 0 or n != len(parents) or n > self.n_batch:
             raise BackendError(f"forward needs 1..{self.n_batch} tokens with one parent each")

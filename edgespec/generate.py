@@ -115,7 +115,7 @@ def plain_steps(backend: Backend, first: ForwardOut, sp: SamplingParams, rng: Po
         tok = sample(logits, sp, None if sp.greedy else rng.at(pos))
         pos += 1
         yield [tok]
-        out = backend.forward([tok], [-1])
+        out = backend.forward([tok], [-1], want_hidden=False)
         backend.commit([0])
         stats.verifies += 1
         logits = out.logits[0]

@@ -100,6 +100,7 @@ def speculative_steps(drafter: Drafter, controller: Controller) -> StepSource:
     def steps(backend: Backend, first: ForwardOut, sp: SamplingParams, rng: PositionRng,
               stats: Stats) -> Iterator[list[int]]:
         drafter.reset()
+        hidden_on = drafter.needs_hidden
         logits = first.logits[-1]
         hidden = first.hidden[-1] if first.hidden is not None else None
         root = sample(logits, sp, None if sp.greedy else rng.at(0))
@@ -113,7 +114,7 @@ def speculative_steps(drafter: Drafter, controller: Controller) -> StepSource:
             if shape.depth > 0:
                 tree = drafter.propose(DraftContext(backend.cached, root, hidden, logits, not sp.greedy), shape)
             t1 = time.perf_counter()
-            out = backend.forward([root] + tree.tokens, [-1] + [p + 1 for p in tree.parents])
+            out = backend.forward([root] + tree.tokens, [-1] + [p + 1 for p in tree.parents], want_hidden=hidden_on)
             t2 = time.perf_counter()
             if sp.greedy or tree.q is None:
                 accepted, nxt = accept_matching(tree, out.logits, sp, rng, pos)
@@ -125,7 +126,7 @@ def speculative_steps(drafter: Drafter, controller: Controller) -> StepSource:
             controller.observe(tree, accepted, draft_s=t1 - t0, verify_s=t2 - t1)
             _count(stats, tree, accepted, t1 - t0)
             last = accepted[-1] + 1 if accepted else 0
-            logits, hidden = out.logits[last], out.hidden[last]
+            logits, hidden = out.logits[last], out.hidden[last] if hidden_on else None
             root = nxt
             yield [tree.tokens[i] for i in accepted] + [nxt]
 

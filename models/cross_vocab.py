@@ -220,7 +220,7 @@ class CrossVocabDrafter:
         return DraftTree(toks, list(range(-1, len(toks) - 1)))
 
     def _advance(self, tok: int) -> np.ndarray:
-        out = self.backend.forward([tok], [-1])
+        out = self.backend.forward([tok], [-1], want_hidden=False)
         self.backend.commit([0])
         return out.logits[0]
 

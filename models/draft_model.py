@@ -36,7 +36,7 @@ class DraftModelDrafter:
         b.truncate(keep)
         if len(tokens) - keep > 1:
             b.prefill(tokens[keep:-1])
-        out = b.forward([tokens[-1]], [-1])
+        out = b.forward([tokens[-1]], [-1], want_hidden=False)
         b.commit([0])
         return out.logits[0]
 
@@ -50,7 +50,7 @@ class DraftModelDrafter:
             tok = int(np.argmax(logits))
             tokens.append(tok)
             if d + 1 < depth:
-                out = self.backend.forward([tok], [-1])
+                out = self.backend.forward([tok], [-1], want_hidden=False)
                 self.backend.commit([0])
                 logits = out.logits[0]
         return DraftTree(tokens, [-1] + list(range(depth - 1)))

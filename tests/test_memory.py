@@ -8,6 +8,8 @@ import pytest
 from edgespec.memory.footprint import read_shape, run_footprint
 from edgespec.memory.planner import BudgetError, parse_size, plan
 
+from edgespec.drafters import NGRAM_BYTES
+
 # Peak RSS from VmHWM: ru_maxrss is inherited across fork+exec on Linux, so a child of a big pytest
 # process would report the parent's peak.
 MEASURE = """
@@ -42,15 +44,16 @@ def test_shape_read_from_header(qwen_path):
 
 def test_planner_degrades_then_refuses(qwen_path):
     shape = read_shape(qwen_path)
-    roomy = plan(shape, parse_size("2GB"))
+    roomy = plan(shape, parse_size("2GB"), draft="ngram", draft_bytes=NGRAM_BYTES)
     assert roomy.draft == "ngram" and roomy.n_ctx == 4096 and roomy.kv_type == "f16"
     assert roomy.footprint.total <= parse_size("2GB")
-    tight = plan(shape, roomy.plain_min + (roomy.spec_min - roomy.plain_min) // 2 + 1)
+    tight = plan(shape, roomy.plain_min + (roomy.spec_min - roomy.plain_min) // 2 + 1, draft="ngram",
+                 draft_bytes=NGRAM_BYTES)
     assert tight.n_ctx < 4096 or tight.kv_type != "f16"
     assert tight.footprint.total <= tight.budget
     with pytest.raises(BudgetError, match="at least"):
-        plan(shape, roomy.plain_min - 1)
-    mid = plan(shape, (roomy.budget + roomy.spec_min) // 2)
+        plan(shape, roomy.plain_min - 1, draft="ngram", draft_bytes=NGRAM_BYTES)
+    mid = plan(shape, (roomy.budget + roomy.spec_min) // 2, draft="ngram", draft_bytes=NGRAM_BYTES)
     assert mid.footprint.total <= mid.budget and mid.draft == "ngram"
 
 
