@@ -28,11 +28,13 @@ def _compile(source: str):
 
 
 def render(template: str | None, messages: list[dict], bos_token: str = "", eos_token: str = "",
-           add_generation_prompt: bool = True) -> str:
-    """Render ``messages`` ([{"role": ..., "content": ...}]) to the prompt text the model was trained on."""
+           add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+    """Render ``messages`` ([{"role": ..., "content": ...}]) to the prompt text the model was trained on.
+    ``tools``: OpenAI-style tool definitions, passed to templates that support them (Qwen2.5's does)."""
     for m in messages:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"each message needs 'role' and 'content', got {m!r}")
     return _compile(template or CHATML).render(
-        messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt
+        messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt,
+        tools=tools or None,
     )

@@ -300,11 +300,12 @@ class Runtime:
         if self.closed:
             raise ClosedError("this runtime has been closed")
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         self._check_open()
         info = self.backend.info
         try:
-            text = render(info.chat_template, messages, info.bos_text, info.eos_text, add_generation_prompt=True)
+            text = render(info.chat_template, messages, info.bos_text, info.eos_text, add_generation_prompt=True,
+                          tools=tools)
         except (ValueError, TypeError) as e:
             raise TemplateError(str(e)) from e
         except Exception as e:  # jinja2's TemplateError and anything a template raises
