@@ -16,7 +16,6 @@ other matmul kernels, which move logits by up to ~0.5), and as a MISMATCH otherw
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from edgespec import registry
+from edgespec import machine, registry
 from edgespec.backends.base import Backend
 from edgespec.backends.chat_template import render
 
@@ -45,6 +44,23 @@ CHAT_PROMPTS = [
     "Convert this to a list comprehension:\nresult = []\nfor x in range(10):\n"
     "    if x % 2:\n        result.append(x * x)",
     "Write a JavaScript function that debounces another function.",
+    "Refactor this function so it has no nested ifs:\ndef grade(s):\n    if s >= 50:\n        if s >= 80:\n"
+    "            return 'A'\n        else:\n            return 'B'\n    else:\n        return 'C'",
+    "Explain what a Python decorator is and write one that times a function call.",
+    "Write unit tests with pytest for a function `slugify(text)` that lowercases text and joins words with '-'.",
+    "What is the difference between a process and a thread? Answer in a few sentences.",
+    "Write a Python class for a least-recently-used cache with get and put in O(1).",
+    "Explain what this regular expression matches: ^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\\.[A-Za-z]{2,}$",
+    "Rewrite this loop with enumerate and explain why it is better:\nfor i in range(len(names)):\n"
+    "    print(i, names[i])",
+    "Write a Go function that reads a file line by line and counts the words.",
+    "How does git rebase differ from git merge? When would you use each?",
+    "Add type hints and a docstring to this function:\ndef merge(a, b):\n    out = dict(a)\n    out.update(b)\n"
+    "    return out",
+    "Write a Rust function that returns the largest element of a slice of integers, or None if it is empty.",
+    "Explain the CAP theorem in simple terms.",
+    "Write a Python script that prints the ten most common words in a text file.",
+    "Why is this code slow and how would you fix it?\nresult = ''\nfor word in words:\n    result += word + ' '",
 ]
 
 ADVERSARIAL_PROMPTS = [
@@ -203,8 +219,9 @@ class Bench:
     def close(self) -> None:
         for llm in self.llamas.values():
             llm.close()
-        for d in self.drafters.values():
-            d.close()
+        for rt in self.runtimes.values():
+            if rt.drafter is not None:
+                rt.drafter.close()
         self.target.close()
 
 
@@ -243,6 +260,8 @@ def write_report(out_dir: Path, meta: dict, summary: dict, checks: dict, per_pro
         {"meta": meta, "summary": summary, "checks": checks, "per_prompt": per_prompt}, indent=1))
     lines = [f"Model `{meta['model']}`, prompts `{meta['prompts']}` (n={meta['n']}), {meta['max_tokens']} new tokens, "
              f"greedy, {meta['threads']} threads. Command: `{meta['command']}`", "",
+             f"Machine: {meta['cpu']} ({meta['cores']} cores; {' '.join(meta['simd'])}). Verify cost c(n) in single "
+             f"steps, measured in this run: {machine.cost_line(meta['verify_cost'])}.", "",
              "| method | tok/s median [p25-p75] | speedup vs plain: median [p25-p75] (min-max) | tokens/verify | "
              "acceptance per depth | greedy == plain |",
              "|---|---|---|---|---|---|"]
@@ -298,7 +317,8 @@ def main(args) -> int:
     bench = Bench(args.model, methods, args.n_ctx, args.threads, args.max_tokens)
     meta = {"model": args.model, "prompts": args.prompts, "n": args.n, "max_tokens": args.max_tokens,
             "threads": args.threads, "command": "edgespec " + " ".join(sys.argv[1:]),
-            "cpu": _cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M")}
+            **machine.describe(), "date": time.strftime("%Y-%m-%d %H:%M"),
+            "verify_cost": machine.cost_table(bench.target)}
     if args.llama_bench:
         meta["llama_bench"] = llama_bench(args.llama_bench, bench.path, args.threads, args.max_tokens)
     prompts = load_prompts(args.prompts, args.n, bench.target)
@@ -344,7 +364,9 @@ def check_outputs(bench: Bench, prompts, results) -> dict[str, dict]:
                 continue
             j = next((k for k, (a, b) in enumerate(zip(r.tokens, plain[i].tokens, strict=False)) if a != b),
                      min(len(r.tokens), len(plain[i].tokens)))
-            margin = bench.margin_at(prompts[i], plain[i].tokens, j) if j < len(plain[i].tokens) else 0.0
+            # the certified margin: plain decoding's top-two gap where the outputs part (a length difference
+            # included: there plain decoding chose to stop, or spec did); only a near-tie may part
+            margin = bench.margin_at(prompts[i], plain[i].tokens, j)
             (ties if margin < NEAR_TIE else bad).append({"prompt": i, "token": j, "margin": round(margin, 3)})
         if bad:
             print(f"!!! {name}: greedy output differs from plain decoding where it must not: {bad}", file=sys.stderr)
@@ -354,9 +376,4 @@ def check_outputs(bench: Bench, prompts, results) -> dict[str, dict]:
     return checks
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return os.uname().machine
+

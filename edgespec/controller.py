@@ -1,7 +1,9 @@
 """Cost-aware speculation controller: pick the draft depth that maximizes expected tokens per second.
 
 It keeps running estimates of
-* the target's verify time for n tree nodes (root included), seeded by ``calibrate``;
+* the target's verify time for n rows (root included), seeded by ``calibrate`` over 1..16 rows: the whole
+  table is used as measured, not assumed linear (on AVX-512 CPUs llama.cpp switches to repacked GEMM
+  kernels at 4 rows, so a 4-row verify can cost less than a 3-row one);
 * the drafter's time per draft node;
 * the acceptance rate at each depth, given the draft reached that depth and its parent was accepted.
 
@@ -13,7 +15,14 @@ falls back to ``probe_every`` as soon as it pays, so a drafter that never pays o
 
 A self-gating drafter (one that predicts its own acceptance, like the n-gram drafter) gets the
 marginal cost of every extra node instead, and drafts a node only where it expects to gain more
-than it costs; with no confident proposal the step is plain decoding, at no extra cost.
+than it costs; with no confident proposal the step is plain decoding, at no extra cost. Marginal costs come
+from the table's lower envelope (the cheapest verify of at least n rows), so a node that takes the batch
+into a cheaper kernel is priced at what it really adds.
+
+Exactness is a choice (``exact_rows``): with it, no verify exceeds the backend's bit-exact batch (3 rows
+on llama.cpp's CPU kernels) and greedy output equals plain decoding bit for bit; without it, larger batches
+run the target's own distribution through other kernels, and greedy output may part from plain decoding
+only where the target's top two logits are within rounding of each other.
 """
 
 from __future__ import annotations
@@ -68,6 +77,11 @@ class Controller:
         slope = (vs[-1] - vs[-2]) / (ks[-1] - ks[-2])
         return vs[-1] + max(slope, 0.0) * (n - ks[-1])
 
+    def envelope(self, n: int) -> float:
+        """The cheapest measured verify of at least ``n`` rows (within the node limit)."""
+        top = self.cfg.max_nodes + 1
+        return min(self.verify_cost(m) for m in range(n, max(n, top) + 1))
+
     def nodes_for(self, depth: int) -> int:
         return min(depth * self.cfg.width, self.cfg.max_nodes)
 
@@ -89,8 +103,8 @@ class Controller:
         """Marginal verify cost of each extra node, in plain decoding steps."""
         t1 = self.verify_cost(1)
         n = self.cfg.max_nodes
-        return tuple((self.verify_cost(k + 2) - self.verify_cost(k + 1)) / t1 + self.draft_s_per_node / t1
-                     for k in range(n))
+        env = [self.envelope(k + 1) for k in range(n + 1)]
+        return tuple(max(env[k + 1] - env[k], 0.0) / t1 + self.draft_s_per_node / t1 for k in range(n))
 
     def next_shape(self, room: int) -> TreeShape:
         room = max(room, 0)
@@ -144,7 +158,10 @@ def controller_for(drafter, width: int | None = None, fixed_depth: int | None = 
     return ctl
 
 
-def calibrate(backend, sizes: tuple[int, ...] = (1, 2, 3, 4, 6, 8), reps: int = 2) -> dict[int, float]:
+CALIBRATION_SIZES = (1, 2, 3, 4, 5, 6, 8, 12, 16)
+
+
+def calibrate(backend, sizes: tuple[int, ...] = CALIBRATION_SIZES, reps: int = 2) -> dict[int, float]:
     """Measure the target's verify time for chains of ``sizes`` nodes on top of the current cache."""
     base = len(backend.cached)
     if base == 0:

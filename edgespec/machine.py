@@ -1,0 +1,60 @@
+"""What machine a speed figure was measured on: the CPU, its SIMD extensions, and the target's verify-cost
+table c(n) (the time of one verify of n rows, in single decoding steps), measured on the loaded model."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+from edgespec.controller import CALIBRATION_SIZES, calibrate
+
+SIMD = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+        "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve", "i8mm", "bf16")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if platform.system() == "Darwin":
+        import subprocess
+
+        r = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        if r.returncode == 0:
+            return r.stdout.strip()
+    return platform.processor() or platform.machine()
+
+
+def simd_flags() -> list[str]:
+    """The SIMD extensions this CPU reports that matter to llama.cpp's kernels."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        flags = []
+    return [f for f in SIMD if f in flags]
+
+
+def describe() -> dict:
+    return {"cpu": cpu_name(), "simd": simd_flags(), "cores": os.cpu_count(), "machine": platform.machine()}
+
+
+def cost_table(backend, prefix: int = 500, reps: int = 5,
+               sizes: tuple[int, ...] = CALIBRATION_SIZES) -> dict[int, float]:
+    """c(n) for the sizes, in single steps: verify time of an n-row chain over a ``prefix``-token cache, best of
+    ``reps``, divided by the one-row time. The cache is left empty."""
+    text = "def f(x):\n    return x * 2\n\n" * 64
+    tokens = backend.tokenize(text, add_special=True)[:prefix]
+    backend.truncate(0)
+    backend.prefill(tokens)
+    secs = calibrate(backend, sizes, reps)
+    backend.truncate(0)
+    return {n: round(t / secs[1], 3) for n, t in secs.items()}
+
+
+def cost_line(table: dict) -> str:
+    return " ".join(f"{n}:{c:.2f}" for n, c in sorted(table.items(), key=lambda kv: int(kv[0])))
