@@ -19,21 +19,27 @@ import numpy as np
 from tqdm import tqdm
 
 
-def run_stream(target, drafter, prompts, max_tokens: int, adapt: bool, costs: dict, depth: int | None) -> list[dict]:
-    from edgespec.controller import controller_for
-    from edgespec.generate import GenerationConfig, Stats, stream
+def run_stream(target, drafter, prompts, max_tokens: int, adapt: bool, costs: dict, depth: int | None,
+               model: str = "") -> list[dict]:
+    """Stream ``prompts`` through a ``Runtime`` (the product path) over ``target`` with ``drafter``; adapt
+    synchronously after each prompt when ``adapt``."""
     from edgespec.models.online import OnlineAdapter, OnlineConfig
-    from edgespec.speculative import speculative_steps
+    from edgespec.runtime import Request, Runtime
 
     drafter.adapter = OnlineAdapter(drafter, OnlineConfig(enabled=adapt))
-    ctl = controller_for(drafter, width=1, fixed_depth=depth, costs=costs)
+    rt = Runtime(target, model, drafter, width=1, fixed_depth=depth)
+    rt.controller.verify_s.update(costs)
     rows = []
     for prompt in tqdm(prompts, desc=f"online adapt={'on' if adapt else 'off'}", unit="prompt"):
         target.truncate(0)
-        st = Stats()
-        list(stream(target, prompt, GenerationConfig(max_tokens=max_tokens), st,
-                    steps=speculative_steps(drafter, ctl), want_hidden=True))
-        steps = drafter.adapter.adapt() if drafter.adapter.pending() else 0
+        before = drafter.adapter.updates
+        gen = rt.start(prompt, Request(max_tokens=max_tokens))
+        gen.text()
+        drafter.adapter.wait()  # the runtime starts an update in the background after each request ...
+        if drafter.adapter.pending():
+            drafter.adapter.adapt()  # ... or it runs here
+        steps = drafter.adapter.updates - before
+        st = gen.stats
         rows.append({"tokens_per_verify": st.tokens_per_verify, "tok_s": st.tok_s, "adapt_steps": steps})
     return rows
 
@@ -58,7 +64,7 @@ def main(args) -> int:
     for adapt in (True, False):
         drafter = ReDrafter(weights, path)  # fresh shipped weights for each run
         res["on" if adapt else "off"] = run_stream(target, drafter, prompts, args.max_tokens, adapt, costs,
-                                                   args.online_depth or None)
+                                                   args.online_depth or None, args.model)
     w = min(40, len(prompts) // 2)
     summary = {}
     for k, rows in res.items():
