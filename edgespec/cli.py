@@ -268,6 +268,18 @@ def cmd_train_drafter(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"edgespec serve needs {' and '.join(missing)}: pip install 'edgespec[server]'", file=sys.stderr)
+        return 2
+    from edgespec.server import main as serve_main
+
+    return serve_main(a)
+
+
 # ---- entry point -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edgespec", description="Local LLMs with lossless speculative decoding.")
@@ -350,6 +362,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_gen_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the 'server' extra)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $EDGESPEC_API_KEY; "
+                                                   "none: no key)")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait for the model; beyond it 429 with Retry-After (default 16)")
+    p.add_argument("--cache-entries", type=int, default=8,
+                   help="conversations whose KV state the prompt cache keeps (default 8; 0 turns it off)")
+    p.add_argument("--cache-size", default="1GB",
+                   help="byte cap of the prompt cache (default 1GB; under --memory-budget at most what the plan "
+                        "leaves free)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="tokens a chat answer may have when a request sets no max_tokens (default: up to the context)")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default warning)")
+    p.set_defaults(func=cmd_serve)
     return ap
 
 

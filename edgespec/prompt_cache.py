@@ -1,0 +1,145 @@
+"""Multi-conversation prompt cache: KV states of recent prompt prefixes, restored when a request continues one.
+
+A desktop app switches between chats. The backend's own cache only reuses the prefix it shares with the last
+request, so each switch would re-evaluate the whole history. This cache keeps the states of recent
+conversations (``Backend.save_state``, llama.cpp's per-sequence state or MLX's arrays) and, before a request's
+prefill, loads the one sharing the longest prefix with the new prompt; prefill then evaluates only the rest.
+
+States are saved lazily: the live cache is snapshotted only when the next request is about to overwrite a
+worthwhile part of it (a switch to another conversation), so a conversation that simply goes on costs nothing.
+A saved state that is (almost) a prefix of a newer one is dropped, and the least recently used states are
+evicted to stay within ``max_entries`` and ``max_bytes`` (and, under a memory budget, the live headroom).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edgespec.backends.base import Backend, KVState, common_prefix
+
+
+@dataclass
+class PromptCacheConfig:
+    max_entries: int = 8
+    max_bytes: int = 1 << 30
+    min_tokens: int = 32  # shorter states are not worth a slot
+    min_gain: int = 8  # restore a state only if it saves evaluating at least this many more tokens
+    slack: int = 8  # a state whose all but this many tokens prefix a newer one is superseded by it
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0  # requests that restored a saved state
+    misses: int = 0  # requests that found nothing better than the live cache
+    hit_tokens: int = 0  # prompt tokens restored from saved states
+    saves: int = 0
+    evictions: int = 0
+    skipped: int = 0  # states not saved: larger than the cap or the memory headroom
+
+
+class PromptCache:
+    """Implements ``runtime.PromptCache``; set it as ``Runtime.prompt_cache``. ``headroom``: bytes the process
+    may still allocate (under a memory budget), checked before each save."""
+
+    def __init__(self, cfg: PromptCacheConfig | None = None, headroom: Callable[[], int] | None = None):
+        self.cfg = cfg or PromptCacheConfig()
+        self.headroom = headroom
+        self.entries: OrderedDict[int, KVState] = OrderedDict()  # least recently used first
+        self.stats = CacheStats()
+        self._next = 0
+        self._lock = threading.Lock()  # entries are read by /metrics from another thread
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in list(self.entries.values()))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    # ---- the runtime's hooks ---------------------------------------------------------------------
+    def before(self, backend: Backend, prompt: list[int]) -> None:
+        cfg = self.cfg
+        live = common_prefix(backend.cached, prompt)
+        best_key, best = None, live
+        for key, e in self.entries.items():
+            n = common_prefix(e.tokens, prompt)
+            if n > best:
+                best_key, best = key, n
+        restore = best_key is not None and best >= live + cfg.min_gain
+        # what of the live cache this request destroys: everything when a state is restored, else the tail
+        lost = len(backend.cached) - (0 if restore else live)
+        if lost > cfg.slack and len(backend.cached) >= cfg.min_tokens and not self._covered(backend.cached):
+            self._save(backend.save_state())
+        if restore:
+            state = self.entries[best_key]
+            backend.load_state(state)
+            with self._lock:
+                self.entries.move_to_end(best_key)
+            self.stats.hits += 1
+            self.stats.hit_tokens += best
+        else:
+            self.stats.misses += 1
+
+    def after(self, backend: Backend) -> None:
+        """Nothing to do: the live cache is saved only when a later request would overwrite it."""
+
+    # ---- bookkeeping -----------------------------------------------------------------------------
+    def _covered(self, tokens: list[int]) -> bool:
+        """Is (all but ``slack`` tokens of) ``tokens`` already saved?"""
+        return any(common_prefix(e.tokens, tokens) >= len(tokens) - self.cfg.slack for e in self.entries.values())
+
+    def _save(self, state: KVState) -> None:
+        cfg = self.cfg
+        with self._lock:
+            for key in [k for k, e in self.entries.items()
+                        if common_prefix(e.tokens, state.tokens) >= len(e.tokens) - cfg.slack]:
+                del self.entries[key]  # superseded: the new state extends it
+            cap = cfg.max_bytes
+            while self.entries and (len(self.entries) >= cfg.max_entries
+                                    or self.nbytes + state.nbytes > cap
+                                    or not self._room(state.nbytes)):
+                self.entries.popitem(last=False)
+                self.stats.evictions += 1
+            if state.nbytes > cap or len(self.entries) >= cfg.max_entries or not self._room(state.nbytes):
+                self.stats.skipped += 1
+                return
+            self.entries[self._next] = state
+            self._next += 1
+            self.stats.saves += 1
+
+    def _room(self, nbytes: int) -> bool:
+        return self.headroom is None or nbytes <= self.headroom()
+
+    def clear(self) -> None:
+        with self._lock:
+            self.entries.clear()
+
+    def figures(self) -> dict:
+        s = self.stats
+        return {"entries": len(self.entries), "bytes": self.nbytes, "max_bytes": self.cfg.max_bytes,
+                "hits": s.hits, "misses": s.misses, "hit_tokens": s.hit_tokens, "saves": s.saves,
+                "evictions": s.evictions, "skipped": s.skipped}
+
+
+def budget_cap(rt, fraction: float = 1.0) -> int | None:
+    """Bytes the prompt cache may plan for under the runtime's memory budget: what the plan leaves free
+    (the budget less its safety margin and the predicted footprint), or None without a budget."""
+    plan = getattr(rt, "plan", None)
+    if plan is None:
+        return None
+    from edgespec.memory.planner import SAFETY
+
+    return max(0, int((plan.budget * (1 - SAFETY) - plan.footprint.total) * fraction))
+
+
+def live_headroom(rt) -> Callable[[], int] | None:
+    """Bytes the process may still allocate under the budget's live guard (None without a budget)."""
+    guard = getattr(rt.controller, "memory", None)
+    if guard is None:
+        return None
+    from edgespec.memory.live import rss_bytes
+
+    return lambda: guard.limit - rss_bytes()
