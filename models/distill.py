@@ -178,6 +178,47 @@ def _stack(rows: list[dict[str, np.ndarray]], seg_len: int) -> dict[str, np.ndar
     return out
 
 
-def load_shards(paths: list[Path]) -> dict[str, np.ndarray]:
-    parts = [dict(np.load(p)) for p in paths]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+DATA_KEYS = ("tokens", "hidden", "top_ids", "top_logp")
+SEGMENT_KEYS = ("source", "weight", "item", "prompt_len")  # per segment, in v2 shards (``collect.py``)
+
+
+def _padded(z, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """One shard as padded [N, T] arrays: v1 shards are stored so; v2 shards are ragged (``offsets``)."""
+    if "offsets" not in z:
+        return {k: z[k] for k in keys if k in z}
+    off = z["offsets"]
+    flat = {k: z[k] for k in keys if k in DATA_KEYS}  # each z[k] reads the file again: once per key
+    rows = [{k: v[a:b] for k, v in flat.items()} for a, b in zip(off[:-1], off[1:], strict=True)]
+    out = _stack(rows, int(np.diff(off).max())) if rows else {}
+    out.update({k: z[k] for k in keys if k in SEGMENT_KEYS})
+    return out
+
+
+def load_shards(paths: list[Path], keys: tuple[str, ...] = DATA_KEYS) -> dict[str, np.ndarray]:
+    """Shards (v1 or v2, mixed) as padded [N, T, ...] arrays (tokens -1 mark padding, T the longest segment).
+    ``keys``: the arrays wanted; per-segment ``SEGMENT_KEYS`` missing from v1 shards read as source -1,
+    weight 1, item -1, prompt_len 0."""
+    parts = []
+    for p in paths:
+        with np.load(p) as z:
+            part = _padded(z, keys)
+        n = len(part["tokens"]) if "tokens" in part else None
+        for k, fill in (("source", -1), ("weight", 1.0), ("item", -1), ("prompt_len", 0)):
+            if k in keys and k not in part:
+                if n is None:
+                    with np.load(p) as z:
+                        n = len(z["tokens"])
+                part[k] = np.full(n, fill, np.float32 if k == "weight" else np.int32)
+        parts.append(part)
+    T = max((p["tokens"].shape[1] for p in parts if "tokens" in p), default=0)
+    out = {}
+    for k in keys:
+        arrs = []
+        for part in parts:
+            a = part[k]
+            if k in DATA_KEYS and a.shape[1] < T:
+                a = np.pad(a, [(0, 0), (0, T - a.shape[1])] + [(0, 0)] * (a.ndim - 2),
+                           constant_values=-1 if k == "tokens" else 0)
+            arrs.append(a)
+        out[k] = np.concatenate(arrs)
+    return out

