@@ -257,6 +257,18 @@ def cmd_drafter(a: argparse.Namespace) -> int:
 
 
 def cmd_train_drafter(a: argparse.Namespace) -> int:
+    if a.collect_only:
+        from edgespec.models import collect
+
+        out_dir = Path(a.data_dir) if a.data_dir else collect.default_dir(a.target)
+        positions = a.positions or 2_000_000
+        shards = collect.run(a.target, positions, threads=a.threads, out_dir=out_dir)
+        n = sum(collect.shard_positions(p) for p in shards)
+        print(f"{len(shards)} shards, {n} positions in {out_dir}")
+        return 0
+    if a.positions or a.data_dir:
+        raise ValueError("--positions and --data-dir describe the v2 collection, which is collected with "
+                         "--collect-only (training on it is not wired yet)")
     from edgespec.models.train_redrafter import TrainConfig, pipeline
 
     tc = TrainConfig(steps=a.steps, batch=a.batch, n_draft=a.draft_vocab, depth=a.depth)
@@ -351,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-vocab", type=int, default=16384, help="draft vocabulary size")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="weights file (default: the user's drafter directory)")
+    p.add_argument("--collect-only", action="store_true",
+                   help="only collect the v2 distillation data (resumable: run it again to continue)")
+    p.add_argument("--positions", type=int, default=None,
+                   help="positions to collect with --collect-only (default 2000000)")
+    p.add_argument("--data-dir", default=None,
+                   help="collection directory (default ~/.cache/edgespec/distill/<target>-v2)")
     p.set_defaults(func=cmd_train_drafter)
 
     p = sub.add_parser("drafter", help="manage the online-adapted drafter state")

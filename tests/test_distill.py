@@ -160,3 +160,22 @@ def test_templates_do_not_echo_the_bench_prompts():
         for t in ts:
             assert not bench(t.format(code="x = 1", name="f", module="m")), (kind, t)
     assert bench("Please: " + CHAT_PROMPTS[3])  # and the check does see a bench prompt
+
+
+def test_cli_collect_only(monkeypatch, tmp_path, capsys):
+    from edgespec import cli
+
+    seen = {}
+
+    def fake_run(target, positions, threads=None, out_dir=None, cfg=None):
+        seen.update(target=target, positions=positions, threads=threads, out_dir=out_dir)
+        return []
+
+    monkeypatch.setattr(col, "run", fake_run)
+    assert cli.main(["train-drafter", "--target", "qwen2.5-coder-1.5b", "--collect-only", "--positions", "1000",
+                     "--threads", "2", "--data-dir", str(tmp_path)]) == 0
+    assert seen == {"target": "qwen2.5-coder-1.5b", "positions": 1000, "threads": 2, "out_dir": tmp_path}
+    assert cli.main(["train-drafter", "--target", "x", "--collect-only"]) == 0
+    assert seen["positions"] == 2_000_000 and seen["out_dir"] == col.default_dir("x")
+    assert cli.main(["train-drafter", "--target", "x", "--positions", "5"]) == 2  # training on v2: not yet
+    assert "--collect-only" in capsys.readouterr().err
