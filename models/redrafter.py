@@ -131,7 +131,11 @@ def read_meta(path: Path) -> dict:
             if "meta" not in z.files:
                 raise ValueError(f"{path} has no drafter metadata: not a ReDrafter weights file")
             meta = json.loads(str(z["meta"]))
-    except (OSError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+    except ValueError as e:
+        if "no drafter metadata" in str(e):
+            raise
+        raise ValueError(f"{path} is not a readable ReDrafter weights file (not an .npz archive)") from e
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is not a readable ReDrafter weights file ({type(e).__name__})") from e
     if not isinstance(meta, dict) or "config" not in meta:
         raise ValueError(f"{path} has no drafter config in its metadata")
