@@ -5,7 +5,7 @@ they can be refused by name with a 400 (``unsupported``), never silently ignored
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -78,7 +78,7 @@ class ResponseFormat(_Open):
     type: Literal["text", "json_object", "json_schema"]
 
 
-Stop = str | list[str] | None
+Stop = str | Annotated[list[str], Field(max_length=16)] | None
 Temperature = Field(default=None, ge=0, le=2)
 TopP = Field(default=None, ge=0, le=1)
 

@@ -432,6 +432,14 @@ class Server:
             job.cancel.set()  # no-op once done; stops the request if this handler was cancelled
 
 
+async def _prepare(fn, body) -> Prepared:
+    """Tokenize and check a request in a worker thread (long prompts take a while)."""
+    try:
+        return await run_in_threadpool(fn, body)
+    except UnicodeError as e:  # a lone surrogate ("\\ud800") is valid JSON but not text
+        raise APIError(400, f"the request holds text that is not valid Unicode: {e}", code="invalid_unicode") from e
+
+
 async def _watch_disconnect(http: HttpRequest, cancel: threading.Event) -> None:
     """Set ``cancel`` when the client hangs up (the body has been read, so only a disconnect can come)."""
     while True:
@@ -622,7 +630,7 @@ def create_app(srv: Server) -> FastAPI:
         bad = unsupported(body)
         if bad:
             raise APIError(400, bad[1], param=bad[0], code="unsupported_parameter")
-        prep = await run_in_threadpool(srv.prepare_chat, body)
+        prep = await _prepare(srv.prepare_chat, body)
         return await srv.respond(prep, http, body, chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(auth)])
@@ -632,7 +640,7 @@ def create_app(srv: Server) -> FastAPI:
         bad = unsupported(body)
         if bad:
             raise APIError(400, bad[1], param=bad[0], code="unsupported_parameter")
-        prep = await run_in_threadpool(srv.prepare_completion, body)
+        prep = await _prepare(srv.prepare_completion, body)
         return await srv.respond(prep, http, body, chat=False)
 
     @app.get("/v1/models", dependencies=[Depends(auth)])

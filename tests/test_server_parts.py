@@ -1,0 +1,132 @@
+"""The server's model-free parts: the prompt cache's policy (on a fake backend), tool-call parsing, the
+prediction drafter's alignment."""
+
+from __future__ import annotations
+
+import json
+
+from edgespec.backends.base import KVState
+from edgespec.models.drafter import DraftContext, TreeShape, VerifyResult
+from edgespec.models.prediction import PredictionDrafter
+
+from edgespec.prompt_cache import PromptCache, PromptCacheConfig
+from edgespec.tools import ToolStream, forced_prefix, parse, template_messages
+
+
+class FakeBackend:
+    """Just a token list; a state costs 10 bytes per token."""
+
+    def __init__(self):
+        self.cached: list[int] = []
+        self.loads = 0
+
+    def save_state(self) -> KVState:
+        return KVState(list(self.cached), None, 10 * len(self.cached))
+
+    def load_state(self, state: KVState) -> None:
+        self.cached = list(state.tokens)
+        self.loads += 1
+
+    def run(self, prompt: list[int], cache: PromptCache, out: int = 5) -> int:
+        """A request: the hook, then prefill from the common prefix, then ``out`` generated tokens. Returns
+        how many prompt tokens came from the cache."""
+        cache.before(self, prompt)
+        n = 0
+        while n < min(len(self.cached), len(prompt) - 1) and self.cached[n] == prompt[n]:
+            n += 1
+        self.cached = prompt + [9000 + i for i in range(out)]
+        cache.after(self)
+        return n
+
+
+def conv(k: int, n: int) -> list[int]:
+    return [1] + [100 * k + i % 97 for i in range(n)]  # shares only the first token with other conversations
+
+
+def test_switching_restores_each_conversation():
+    b, cache = FakeBackend(), PromptCache(PromptCacheConfig(min_tokens=8))
+    a1, c1 = conv(1, 60), conv(2, 60)
+    assert b.run(a1, cache) == 0
+    assert b.run(c1, cache) == 1  # only the shared first token: a1's state was saved on the way out
+    a2 = a1 + [9000 + i for i in range(5)] + [7, 7, 7]
+    assert b.run(a2, cache) >= len(a1)  # restored
+    c2 = c1 + [9000 + i for i in range(5)] + [8, 8]
+    assert b.run(c2, cache) >= len(c1)
+    assert cache.stats.hits == 2 and b.loads == 2
+    assert len(cache) == 2  # a's older state was superseded by its longer one
+
+
+def test_continuing_a_conversation_saves_nothing():
+    b, cache = FakeBackend(), PromptCache(PromptCacheConfig(min_tokens=8))
+    p = conv(1, 50)
+    for _ in range(4):
+        b.run(p, cache)
+        p = b.cached + [5, 5, 5]
+    assert len(cache) == 0 and cache.stats.saves == 0
+
+
+def test_lru_eviction_under_entries_and_bytes():
+    b = FakeBackend()
+    cache = PromptCache(PromptCacheConfig(max_entries=3, max_bytes=10 * 250, min_tokens=8))
+    for k in range(1, 6):  # five conversations of ~65 tokens (650 bytes each with the answer)
+        b.run(conv(k, 60), cache)
+    assert len(cache) <= 3 and cache.nbytes <= 2500
+    kept = {e.tokens[1] // 100 for e in cache.entries.values()}
+    assert kept == {2, 3, 4}  # the most recent ones (5 is live, not saved)
+    assert cache.stats.evictions >= 1
+    big, b = PromptCache(PromptCacheConfig(max_bytes=100, min_tokens=8)), FakeBackend()
+    b.run(conv(1, 60), big)
+    b.run(conv(2, 60), big)
+    assert len(big) == 0 and big.stats.skipped == 1  # larger than the cap: not kept
+
+
+def test_headroom_refuses_a_save():
+    b = FakeBackend()
+    cache = PromptCache(PromptCacheConfig(min_tokens=8), headroom=lambda: 100)
+    b.run(conv(1, 60), cache)
+    b.run(conv(2, 60), cache)
+    assert len(cache) == 0 and cache.stats.skipped == 1
+
+
+def test_tool_calls_whole_and_streamed():
+    names = frozenset({"get_weather"})
+    text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    content, calls = parse(text, names)
+    assert content == "Let me check.\n" and len(calls) == 1
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    stream, events = ToolStream(names), []
+    for ch in text:
+        events += stream.push(ch)
+    events += stream.finish()
+    assert "".join(v for k, v in events if k == "content") == "Let me check.\n"
+    assert [v["function"]["name"] for k, v in events if k == "tool_call"] == ["get_weather"]
+    assert parse('{"name": "get_weather", "arguments": {"city": "Rome"}}', names)[1]  # bare JSON naming a tool
+    assert not parse('{"name": "other", "arguments": {}}', names)[1]
+    assert parse("<tool_call>{not json}</tool_call>", names) == ("<tool_call>{not json}</tool_call>", [])
+    assert parse("a < b and <tool_c", names) == ("a < b and <tool_c", [])
+    assert forced_prefix({"type": "function", "function": {"name": "f"}}, "<tool_call>").endswith('"arguments": ')
+    assert forced_prefix("auto", "<tool_call>") == "" and forced_prefix("required", None) == ""
+    msgs = template_messages([{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]}])
+    assert msgs[0]["content"] == "" and msgs[0]["tool_calls"][0]["function"]["arguments"] == {"x": 1}
+
+
+def test_prediction_drafter_follows_the_prediction_and_rejoins_after_an_edit():
+    pred = list(range(100, 160))
+    d = PredictionDrafter(pred)
+    d.reset()
+    shape = TreeShape(depth=4, max_nodes=4)
+    prompt = [1, 2, 3]
+    out = [100]  # the output starts like the prediction
+    tree = d.propose(DraftContext(prompt, out[-1], None, None), shape)
+    assert tree.tokens == [101, 102, 103, 104]
+    d.observe(VerifyResult(tree, [0, 1, 2, 3], 105))
+    out += [101, 102, 103, 104, 105]
+    tree = d.propose(DraftContext(prompt + out[:-1], out[-1], None, None), shape)
+    assert tree.tokens == [106, 107, 108, 109]
+    d.observe(VerifyResult(tree, [0], 999))  # the edit: the target writes something else
+    out += [106, 999]
+    assert d.accepted_tokens == 5 and d.rejected_tokens == 3
+    out += [998, 110, 111, 112]  # ... and joins the prediction again
+    tree = d.propose(DraftContext(prompt + out[:-1], out[-1], None, None), shape)
+    assert tree.tokens[:2] == [113, 114]
