@@ -787,6 +787,8 @@ def main(a) -> int:
     finally:
         loader.join()
         srv.close()
+    if userver.started:
+        print("edgespec: server stopped, runtime closed", file=sys.stderr, flush=True)
     if not userver.started and not failed:
         return 1  # uvicorn could not start (port in use, ...): it said why
     return failed[0] if failed else 0
@@ -803,3 +805,8 @@ class _Uvicorn(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         self.on_exit()
         super().handle_exit(sig, frame)
+        # uvicorn raises the signal again once it has stopped, which would end the process (SIGTERM) or unwind
+        # it (SIGINT) before the runtime is closed: ``main`` closes it and exits normally instead
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()

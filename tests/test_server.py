@@ -415,3 +415,49 @@ def test_serve_without_the_extra_says_how_to_install(monkeypatch, capsys):
     assert cli.main(["serve", "--model", QWEN]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install 'edgespec[server]'" in err[0]
+
+
+def test_edgespec_serve_command_answers_and_stops_cleanly_on_sigterm(smol_path, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import SMALL
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "EDGESPEC_API_KEY": "env-key"}
+    log = (tmp_path / "serve.log").open("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "edgespec", "serve", "--model", SMALL, "--port", str(port),
+                             "--n-ctx", "512", "--threads", "2", "--draft", "none", "--no-adapt"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="env-key", max_retries=0)
+        r = client.chat.completions.create(model=SMALL, messages=ask("Hi"), max_tokens=3, temperature=0)
+        assert r.choices[0].message.content and r.usage.completion_tokens == 3
+        assert httpx.post(url + "/v1/chat/completions", json={"messages": ask("Hi")}).status_code == 401
+        deadline = time.time() + 10
+        while "curl " not in (tmp_path / "serve.log").read_text() and time.time() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = (tmp_path / "serve.log").read_text()
+    assert f"http://127.0.0.1:{port}/v1" in out and "curl " in out and "Authorization: Bearer" in out
+    assert "runtime closed" in out
