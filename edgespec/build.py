@@ -95,8 +95,10 @@ def open_backend(path: Path, opts: LoadOptions) -> Backend:
         return MlxBackend(path, n_ctx=opts.n_ctx, n_batch=opts.n_batch, memory_limit=limit, kv_type=opts.kv_type)
     from edgespec.backends.llama_cpp import LlamaCppBackend
 
+    # llama.cpp clamps its batch to the requested context (and may round the context up): a larger batch
+    # on the Python side would hand it more tokens than it accepts, an assertion that aborts the process
     return LlamaCppBackend(path, n_ctx=opts.n_ctx, n_threads=opts.n_threads, kv_type=opts.kv_type,
-                           n_batch=opts.n_batch)
+                           n_batch=min(opts.n_batch, opts.n_ctx))
 
 
 def check(model: str, opts: LoadOptions) -> drafters.DraftSpec:
@@ -106,7 +108,8 @@ def check(model: str, opts: LoadOptions) -> drafters.DraftSpec:
 
 
 def adapting(opts: LoadOptions, spec: drafters.DraftSpec) -> bool:
-    return spec.kind == "redrafter" and (opts.adapt is True or (opts.adapt == "auto" and drafters.trainer_available()))
+    """Online adaptation of a ReDrafter head: asked for (True, or "auto") and its trainer installed."""
+    return spec.kind == "redrafter" and opts.adapt in (True, "auto") and drafters.trainer_available()
 
 
 def load(model: str = registry.DEFAULT_MODEL, **options) -> Runtime:
@@ -119,9 +122,9 @@ def load(model: str = registry.DEFAULT_MODEL, **options) -> Runtime:
     opts = LoadOptions(**options)
     spec = check(str(model), opts)
     notices: list[str] = []
-    if opts.adapt is True and spec.kind == "redrafter" and not drafters.trainer_available():
-        notices.append("online adaptation is off: it needs torch (pip install 'edgespec[train]')")
     adapt = adapting(opts, spec)
+    if spec.kind == "redrafter" and opts.adapt in (True, "auto") and not adapt:  # wanted, but no trainer
+        notices.append("online adaptation is off: it needs torch (pip install 'edgespec[train]')")
     path = registry.resolve(model)
     budget = None
     if opts.memory_budget is not None:

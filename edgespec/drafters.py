@@ -85,8 +85,12 @@ def check_redrafter_file(path: Path) -> None:
 
 
 def trainer_available() -> bool:
-    """Online adaptation trains with torch (the ``train`` extra)."""
-    return importlib.util.find_spec("torch") is not None
+    """Online adaptation trains with torch (the ``train`` extra). An import system that refuses torch (a
+    finder raising ImportError, ``sys.modules["torch"] = None``: ValueError) counts as not installed."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def planned_bytes(spec: DraftSpec, adapt: bool = False) -> Callable[[int, str], int]:
