@@ -462,3 +462,22 @@ def test_edgespec_serve_command_answers_and_stops_cleanly_on_sigterm(smol_path, 
     out = (tmp_path / "serve.log").read_text()
     assert f"http://127.0.0.1:{port}/v1" in out and "curl " in out and "Authorization: Bearer" in out
     assert "runtime closed" in out
+
+
+def test_prompt_cache_is_capped_by_the_memory_budget(smol_path):
+    from edgespec.memory.planner import SAFETY
+
+    from edgespec.server import prometheus
+    from tests.conftest import SMALL
+
+    rt = edgespec.load(SMALL, n_ctx=1024, n_threads=2, draft="none", memory_budget="400MB", adapt=False)
+    srv = Server(ServerConfig(cache_bytes=1 << 30))
+    try:
+        srv.attach(rt)
+        slack = rt.plan.budget * (1 - SAFETY) - rt.plan.footprint.total
+        assert 0 < srv.cache.cfg.max_bytes <= slack  # what the plan leaves free, not the 1 GB asked for
+        assert srv.cache.headroom() <= rt.plan.budget  # and each save is checked against the live headroom
+        text = prometheus(srv)
+        assert "edgespec_memory_budget_bytes 419430400" in text and "edgespec_prompt_cache_max_bytes" in text
+    finally:
+        srv.close()
