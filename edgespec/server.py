@@ -356,7 +356,7 @@ class Server:
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         req = self._request(body, tokens, limit, param, self.cfg.default_max_tokens)
         names = frozenset(t.function.name for t in body.tools) if tools else None
-        return Prepared(tokens, req, drafter, names, prefix, "messages")
+        return Prepared(tokens, req, drafter, names, prefix)
 
     def prepare_completion(self, body: CompletionRequest) -> Prepared:
         rt = self.ready()
@@ -376,7 +376,7 @@ class Server:
                                param="prompt")
             tokens = list(p)
         req = self._request(body, tokens, body.max_tokens, "max_tokens", 16)  # 16: OpenAI's default here
-        return Prepared(tokens, req, None, None, "", "prompt")
+        return Prepared(tokens, req, None, None, "")
 
     def _request(self, body, tokens: list[int], max_tokens: int | None, param: str, default: int | None) -> Request:
         """The generation request, or a 400: a prompt that does not fit with the asked completion length is
@@ -464,7 +464,6 @@ class Prepared:
     drafter: PredictionDrafter | None
     tools: frozenset[str] | None  # the request's tool names: parse tool calls out of the answer
     prefix: str  # text forced at the start of the answer (tool_choice), part of the prompt
-    prompt_param: str
 
 
 class Reply:
