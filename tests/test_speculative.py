@@ -8,8 +8,14 @@ from edgespec.models.ngram import NgramDrafter
 
 from edgespec.controller import Controller, ControllerConfig
 from edgespec.generate import GenerationConfig, Stats, plain_steps, stream
-from edgespec.sampling import SamplingParams
-from edgespec.speculative import accept_greedy, accept_sampling, speculative_steps
+from edgespec.sampling import PositionRng, SamplingParams, sample
+from edgespec.speculative import (
+    accept_greedy,
+    accept_matching,
+    accept_sampling,
+    check_siblings_share_q,
+    speculative_steps,
+)
 from tests.conftest import make_backend
 
 PROMPTS = [
@@ -159,60 +165,156 @@ def test_rollback_keeps_cache_consistent(qwen, qwen_path):
 
 
 # ---- sampling losslessness -----------------------------------------------------------------------
+# A synthetic target whose next-token distribution depends on the output position and the token before it
+# (a Markov chain), so that the exact distribution of every output position is known. Each trial runs the
+# speculative loop (the target's own first token, then draft, verify with the acceptance rule, commit the
+# accepted chain and the correction/bonus token, repeat) until DEPTH tokens are out, and the frequencies of
+# the 1st, 2nd and 3rd tokens are compared with their exact distributions. Draft nodes are drawn from the
+# q they declare (siblings without replacement from one shared q), as the rule requires.
 V = 6
 SP = SamplingParams(temperature=1.0)
+DEPTH = 3  # output positions checked
+N_TRIALS = 20000
+CHI2_5DF = 20.5  # chi-square, 5 degrees of freedom, p = 0.001
 
 
-def _synthetic(rng):
-    """Random target logits for the root and two draft levels, and random draft distributions."""
-    logits = rng.normal(size=(8, V)) * 1.5
-    q_root = rng.dirichlet(np.ones(V))
-    return logits, q_root
+def _softmax(z):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
-def _first_token_freqs(rule, n, seed, tree_kind):
+def _synthetic(seed=1):
+    """Target logits [position, previous token, V] and draft distributions q [position, previous token, V]
+    (deliberately unlike the target)."""
     rng = np.random.default_rng(seed)
-    logits, q_root = _synthetic(np.random.default_rng(1))
-    counts = np.zeros(V)
-    for _ in range(n):
-        if tree_kind == "chain-q":  # one child drawn from q, then its child
-            x = int(rng.choice(V, p=q_root))
-            tree = DraftTree([x, 3], [-1, 0], [q_root, np.full(V, 1 / V)])
-        elif tree_kind == "tree-q":  # two children drawn without replacement from q
-            x = int(rng.choice(V, p=q_root))
-            q2 = q_root.copy()
-            q2[x] = 0
-            y = int(rng.choice(V, p=q2 / q2.sum()))
-            tree = DraftTree([x, y], [-1, -1], [q_root, q_root])
-        else:  # deterministic: three distinct point-mass candidates
-            tree = DraftTree([0, 2, 4], [-1, -1, -1], None)
-        accepted, nxt = rule(tree, logits, SP, rng)
-        first = tree.tokens[accepted[0]] if accepted else nxt
-        counts[first] += 1
-    p = np.exp(logits[0] - logits[0].max())
-    return counts / n, p / p.sum()
+    logits = rng.normal(size=(DEPTH + 3, V, V)) * 1.5
+    q = rng.dirichlet(np.full(V, 0.7), size=(DEPTH + 3, V))
+    return logits, q
 
 
-def _broken_rule(tree, logits, sp, rng):
-    """Accept the first child whenever the target gives it any mass: not lossless."""
+def _exact_marginals(logits):
+    """The target's distribution of each output position (position 0 follows token 0)."""
+    dist = _softmax(logits[0][0])
+    out = [dist]
+    for t in range(1, DEPTH):
+        dist = dist @ _softmax(logits[t])
+        out.append(dist)
+    return np.array(out)
+
+
+def _draft(kind, q, t, prev, rng):
+    """A draft continuing ``prev`` at output position ``t``, every sampled node drawn from its declared q."""
+    if kind == "deterministic":  # point masses: a chain 0 -> 4 and a sibling 2
+        return DraftTree([0, 2, 4], [-1, -1, 0], None)
+    q1 = q[t][prev]
+    x = int(rng.choice(V, p=q1))
+    if kind == "chain-q":  # x ~ q1, then its child y ~ q2(.|x)
+        q2 = q[t + 1][x]
+        return DraftTree([x, int(rng.choice(V, p=q2))], [-1, 0], [q1, q2])
+    if kind == "fixed-child":  # the second node is NOT drawn from the q it declares: breaks the rule
+        return DraftTree([x, 3], [-1, 0], [q1, q[t + 1][x]])
+    # "tree-q": two siblings drawn without replacement from q1, each with one child drawn from its own q
+    rest = q1.copy()
+    rest[x] = 0
+    y = int(rng.choice(V, p=rest / rest.sum()))
+    qx, qy = q[t + 1][x], q[t + 1][y]
+    return DraftTree([x, y, int(rng.choice(V, p=qx)), int(rng.choice(V, p=qy))], [-1, -1, 0, 1], [q1, q1, qx, qy])
+
+
+def _rows(tree, logits, t, prev):
+    """The target's logits for [root] + tree: row 0 predicts position t, node i (depth d) predicts t + d."""
+    depths = tree.depths()
+    return np.array([logits[t][prev]] + [logits[t + d][tok] for d, tok in zip(depths, tree.tokens, strict=True)])
+
+
+def _position_freqs(rule, kind, n=N_TRIALS, seed=0):
+    """Frequencies of the first DEPTH output tokens over ``n`` runs of the speculative loop with ``rule``."""
+    logits, q = _synthetic()
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((DEPTH, V))
+    for trial in range(n):
+        prng = PositionRng(seed * N_TRIALS + trial)
+        out = [sample(logits[0][0], SP, prng.at(0))]  # the target's own first token (the first root)
+        while len(out) < DEPTH:
+            t, prev = len(out), out[-1]
+            tree = _draft(kind, q, t, prev, rng)
+            accepted, nxt = rule(tree, _rows(tree, logits, t, prev), SP, prng, t)
+            out += [tree.tokens[i] for i in accepted] + [nxt]
+        for pos in range(DEPTH):
+            counts[pos, out[pos]] += 1
+    return counts / n, _exact_marginals(logits)
+
+
+def _rule_for(kind):
+    return accept_matching if kind == "deterministic" else accept_sampling
+
+
+def _chi2(freq, p, n=N_TRIALS):
+    return n * ((freq - p) ** 2 / p).sum()
+
+
+@pytest.mark.parametrize("kind", ["chain-q", "tree-q", "deterministic"])
+def test_sampling_is_lossless(kind):
+    """The 1st, 2nd and 3rd tokens follow the target's exact distributions, with the rule the loop uses for
+    each kind of tree (rejection sampling for sampled trees, the target's own sample for point masses)."""
+    freq, p = _position_freqs(_rule_for(kind), kind)
+    for pos in range(DEPTH):
+        tv = 0.5 * np.abs(freq[pos] - p[pos]).sum()
+        assert tv < 0.02, (pos, tv, freq[pos], p[pos])  # sampling noise at n=20000 is ~0.01
+        assert _chi2(freq[pos], p[pos]) < CHI2_5DF, (pos, freq[pos], p[pos])
+    if kind == "deterministic":  # rejection sampling over point masses is lossless too
+        freq, p = _position_freqs(accept_sampling, kind, n=8000)
+        for pos in range(DEPTH):
+            assert _chi2(freq[pos], p[pos], 8000) < CHI2_5DF, (pos, freq[pos], p[pos])
+
+
+def _broken_rule(tree, logits, sp, rng, pos=0):
+    """Accept the first child whenever there is one: not lossless."""
     kids = tree.children(-1)
     return ([kids[0]], 0) if kids else ([], 0)
 
 
-@pytest.mark.parametrize("tree_kind", ["chain-q", "tree-q", "deterministic"])
-def test_sampling_is_lossless(tree_kind):
-    n = 20000
-    freq, p = _first_token_freqs(accept_sampling, n, 0, tree_kind)
-    tv = 0.5 * np.abs(freq - p).sum()
-    assert tv < 0.02, (tv, freq, p)  # sampling noise at n=20000 is ~0.01
-    chi2 = n * ((freq - p) ** 2 / p).sum()
-    assert chi2 < 20.5, chi2  # chi-square, 5 degrees of freedom, p = 0.001
+def _broken_deeper_rule(tree, logits, sp, rng, pos=0):
+    """Exact at the first draft level, but then takes the first child of an accepted node unconditionally:
+    the first token keeps its distribution, the later ones do not."""
+    accepted, nxt = accept_sampling(tree, logits, sp, rng, pos)
+    if len(accepted) == 1 and tree.children(accepted[0]):
+        child = tree.children(accepted[0])[0]
+        accepted.append(child)
+        nxt = sample(logits[child + 1], sp, rng.at(pos + 2))
+    return accepted, nxt
 
 
-@pytest.mark.parametrize("tree_kind", ["chain-q", "deterministic"])
-def test_broken_acceptance_rule_fails_the_check(tree_kind):
-    freq, p = _first_token_freqs(_broken_rule, 5000, 0, tree_kind)
-    assert 0.5 * np.abs(freq - p).sum() > 0.1
+@pytest.mark.parametrize("kind", ["chain-q", "deterministic"])
+def test_broken_acceptance_rule_fails_the_check(kind):
+    freq, p = _position_freqs(_broken_rule, kind, n=4000)
+    assert 0.5 * np.abs(freq[1] - p[1]).sum() > 0.1  # position 0 is the target's own; the first draft is 1
+
+
+@pytest.mark.parametrize("rule,kind", [(_broken_deeper_rule, "chain-q"), (accept_sampling, "fixed-child")])
+def test_deeper_positions_catch_what_the_first_token_misses(rule, kind):
+    """A rule broken below the first level, or a draft node not drawn from the q it declares, leaves the
+    first token's distribution exact: only the later positions show it."""
+    freq, p = _position_freqs(rule, kind, n=8000)
+    assert _chi2(freq[0], p[0], 8000) < CHI2_5DF
+    assert max(_chi2(freq[pos], p[pos], 8000) for pos in range(1, DEPTH)) > 5 * CHI2_5DF
+
+
+def test_siblings_must_share_q():
+    """The multi-candidate rule is exact only for siblings drawn without replacement from one shared q:
+    a tree whose siblings declare different q is refused (so a new drafter cannot silently break it)."""
+    rng = np.random.default_rng(0)
+    q1, q2 = rng.dirichlet(np.ones(V)), rng.dirichlet(np.ones(V))
+    logits = rng.normal(size=(4, V))
+    for tree in (DraftTree([1, 2], [-1, -1], [q1, q2]),  # siblings of the root
+                 DraftTree([1, 2, 3], [-1, 0, 0], [q1, q1, q2])):  # siblings deeper down
+        with pytest.raises(ValueError, match="siblings"):
+            check_siblings_share_q(tree)
+        with pytest.raises(ValueError, match="siblings"):
+            accept_sampling(tree, logits, SP, PositionRng(0), 0)
+    check_siblings_share_q(DraftTree([1, 2], [-1, -1], [q1, q1.copy()]))  # equal values are one q
+    check_siblings_share_q(DraftTree([1, 2, 3, 4], [-1, -1, 0, 1], [q1, q1, q1, q2]))  # cousins may differ
+    check_siblings_share_q(DraftTree([1, 2], [-1, -1], None))  # point masses
 
 
 def test_sampled_tokens_follow_target(smol):
