@@ -73,11 +73,16 @@ def test_max_tokens_and_stop_string(rt_small):
 
 
 def test_streamed_chunks_equal_text(rt_small):
-    chunks = list(rt_small.stream("A haiku about rain:", max_tokens=24, stop=["\n\n"]))
-    whole = rt_small.generate("A haiku about rain:", max_tokens=24, stop=["\n\n"]).text
-    assert "".join(chunks) == whole
-    s = rt_small.last_stats
-    assert s.tok_s > 0 and s.ttft_s > 0 and s.prompt_tokens > 0
+    g = rt_small.stream("A haiku about rain:", max_tokens=24, stop=["\n\n"])
+    chunks = list(g)
+    whole = rt_small.generate("A haiku about rain:", max_tokens=24, stop=["\n\n"])
+    assert "".join(chunks) == whole.text and g.tokens == whole.tokens
+    s = g.stats  # the stream's own statistics, consistent with what it produced
+    assert s.prompt_tokens == len(rt_small.tokens_of("A haiku about rain:"))
+    assert s.generated_tokens == len(g.tokens) and s.finish_reason in ("stop", "length", "eos")
+    assert s.tok_s == pytest.approx(s.generated_tokens / s.decode_s)
+    assert 0 < s.ttft_s < s.total_s and s.ttft_s + s.decode_s == pytest.approx(s.total_s)
+    assert rt_small.last_stats is whole.stats and whole.stats.prefill_tokens < s.prompt_tokens  # cache reused
 
 
 def test_eos_ends_generation(rt_small):
@@ -140,7 +145,7 @@ def test_context_policy_drops_oldest_turns(smol_path):
     for i in range(8):
         reply = "".join(sess.send(f"Turn {i}: tell me something about the number {i}.", max_tokens=48))
         assert sess.last_stats.finish_reason in ("eos", "length", "context")
-        assert reply is not None
+        assert reply and sess.messages[-1] == {"role": "assistant", "content": reply}
     assert sess.dropped > 0
     assert sess.messages[0]["role"] == "system"
     assert len(rt.backend.cached) <= 256
