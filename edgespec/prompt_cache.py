@@ -69,15 +69,16 @@ class PromptCache:
             if n > best:
                 best_key, best = key, n
         restore = best_key is not None and best >= live + cfg.min_gain
+        state = self.entries[best_key] if restore else None  # taken now: saving below may evict its entry
         # what of the live cache this request destroys: everything when a state is restored, else the tail
         lost = len(backend.cached) - (0 if restore else live)
         if lost > cfg.slack and len(backend.cached) >= cfg.min_tokens and not self._covered(backend.cached):
             self._save(backend.save_state())
         if restore:
-            state = self.entries[best_key]
             backend.load_state(state)
             with self._lock:
-                self.entries.move_to_end(best_key)
+                if best_key in self.entries:
+                    self.entries.move_to_end(best_key)
             self.stats.hits += 1
             self.stats.hit_tokens += best
         else:

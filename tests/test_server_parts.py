@@ -80,6 +80,18 @@ def test_lru_eviction_under_entries_and_bytes():
     assert len(big) == 0 and big.stats.skipped == 1  # larger than the cap: not kept
 
 
+def test_restoring_a_state_that_the_save_before_it_evicts():
+    """A switch saves the live state first; when that save evicts the very entry to restore (full cache), the
+    restore still happens (the server bench hit a KeyError here)."""
+    b = FakeBackend()
+    cache = PromptCache(PromptCacheConfig(max_entries=1, min_tokens=8))
+    a, c = conv(1, 60), conv(2, 60)
+    b.run(a, cache)
+    b.run(c, cache)  # a saved: the only entry
+    assert b.run(a + [9000 + i for i in range(5)] + [7], cache) >= len(a)  # saving c evicts a, a is restored
+    assert b.loads == 1 and cache.stats.hits == 1
+
+
 def test_headroom_refuses_a_save():
     b = FakeBackend()
     cache = PromptCache(PromptCacheConfig(min_tokens=8), headroom=lambda: 100)
