@@ -22,6 +22,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from edgespec.backends.paths import cache_dir  # noqa: F401  (re-exported: registry.cache_dir)
+
 
 class ModelError(RuntimeError):
     """A model cannot be found, fetched or read. The message says what to do."""
@@ -83,13 +85,6 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 DEFAULT_MODEL = "qwen2.5-coder-1.5b"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("EDGESPEC_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edgespec"
-    )
-    return Path(root)
 
 
 def model_file(model_id: str) -> Path:
