@@ -135,7 +135,7 @@ class LlamaCppBackend:
             raise LoadError(f"llama.cpp could not create a context (n_ctx={n_ctx}):\n" + "".join(_LOG).strip())
         self._mem = lc.llama_get_memory(self._ctx)
         self.n_ctx = lc.llama_n_ctx(self._ctx)
-        self.n_batch = n_batch
+        self.n_batch = lc.llama_n_batch(self._ctx)  # llama.cpp caps the batch at n_ctx: use what it kept
         self.n_seq_max = n_seq_max
         self.n_threads = n_threads
         self.kv_type = kv_type

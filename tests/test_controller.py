@@ -43,7 +43,6 @@ def test_no_drafting_when_verify_is_as_dear_as_plain_steps():
 def test_self_gating_costs_come_from_the_envelope():
     ctl = controller_for(NgramDrafter(), costs=XEON)
     costs = ctl.node_costs()
-    assert all(c >= 0 for c in costs)
     # the 2nd draft node takes the batch from 2 to 3 rows, the 3rd to 4 (cheaper than 3): by the envelope the
     # two together cost 0.14 steps, priced on the 2nd node and free on the 3rd
     assert abs(costs[0] - 0.5) < 1e-9 and abs(costs[1] - 0.14) < 1e-9 and costs[2] == 0.0
