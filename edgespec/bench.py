@@ -161,8 +161,7 @@ class Bench:
         self.n_threads = n_threads
         opts = LoadOptions(n_ctx=n_ctx, n_threads=n_threads, backend="llama.cpp")
         self.target = open_backend(self.path, opts)
-        draft_open = lambda p, kv: open_backend(p, LoadOptions(n_ctx=n_ctx, n_threads=n_threads, kv_type=kv,
-                                                                backend="llama.cpp"))
+        draft_open = lambda p: open_backend(p, opts)  # a draft model: the target's context, KV type and batch
         # every method runs through a Runtime on the one target, as the product does
         self.runtimes, self.llamas = {}, {}
         for m in methods:

@@ -132,8 +132,8 @@ def load(model: str = registry.DEFAULT_MODEL, **options) -> Runtime:
         adapt = adapt and spec.kind == "redrafter"
     backend = open_backend(path, opts)
     try:
-        draft_open = lambda p, kv: open_backend(p, dataclasses.replace(opts, kv_type=kv, backend="llama.cpp",
-                                                                       memory_budget=None))
+        # the draft model gets the planned context, KV type and batch: what its declared footprint assumed
+        draft_open = lambda p: open_backend(p, dataclasses.replace(opts, backend="llama.cpp", memory_budget=None))
         drafter = drafters.make(spec, backend, str(model), draft_open, adapt=adapt, notices=notices)
     except BaseException:
         backend.close()
@@ -148,10 +148,11 @@ def load(model: str = registry.DEFAULT_MODEL, **options) -> Runtime:
 
 def apply_plan(opts: LoadOptions, path: Path, spec: drafters.DraftSpec, adapt: bool):
     """Options rewritten by the memory planner for ``opts.memory_budget`` (raises ``BudgetError``): the
-    drafter's planned bytes (a draft model's weights and KV cache, a head and its adaptation) are counted."""
+    drafter's declared parts (a draft model's weights, KV cache and buffers, a head and its adaptation) are
+    counted. The context is halved down to 512 tokens at most (or the asked-for context, when smaller)."""
     p = plan(path, parse_size(opts.memory_budget), want_ctx=opts.n_ctx, min_ctx=min(512, opts.n_ctx),
              draft=None if spec.kind == "none" else str(spec), backend=pick_backend(opts.backend),
-             draft_bytes=drafters.planned_bytes(spec, adapt))
+             draft_bytes=drafters.planned_footprint(spec, adapt))
     if p.draft is None:
         spec = drafters.DraftSpec("none")
     opts = dataclasses.replace(opts, n_ctx=p.n_ctx, kv_type=p.kv_type, n_batch=p.n_batch)

@@ -134,12 +134,14 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 def cmd_plan(a: argparse.Namespace) -> int:
     from edgespec import drafters
+    from edgespec.build import pick_backend
     from edgespec.memory.planner import parse_size, plan
 
     spec = drafters.parse(a.draft, a.model)
     adapt = a.adapt and spec.kind == "redrafter" and drafters.trainer_available()
     p = plan(registry.resolve(a.model), parse_size(a.memory_budget), want_ctx=a.n_ctx, min_ctx=a.min_ctx,
-             draft=None if spec.kind == "none" else str(spec), draft_bytes=drafters.planned_bytes(spec, adapt))
+             draft=None if spec.kind == "none" else str(spec), backend=pick_backend(a.backend),
+             draft_bytes=drafters.planned_footprint(spec, adapt))
     print(p.describe())
     return 0
 
@@ -349,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-ctx", type=int, default=4096, help="wanted context (default 4096)")
     p.add_argument("--min-ctx", type=int, default=512, help="smallest acceptable context (default 512)")
     p.add_argument("--draft", default="auto", help="drafter to plan for (as for chat), or 'none'")
+    p.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "mlx"],
+                   help="backend to plan for (MLX holds an f16 KV cache only)")
     p.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=True,
                    help="count online adaptation of a ReDrafter head (where torch is installed)")
     p.set_defaults(func=cmd_plan)

@@ -18,7 +18,6 @@ from edgespec.models.drafter import Drafter
 
 SPEC_HELP = "auto, ngram, redrafter[:<weights.npz>], model:<id or path>, xvocab:<id or path> or none"
 NGRAM_BYTES = 8 << 20  # the n-gram index of a 4k-token context, generously
-DRAFT_BATCH = 512  # a draft model's prefill batch
 MAX_WIDTH = 8  # the llama.cpp backend verifies trees of at most 8 leaves (n_seq_max)
 
 
@@ -93,35 +92,38 @@ def trainer_available() -> bool:
         return False
 
 
-def planned_bytes(spec: DraftSpec, adapt: bool = False) -> Callable[[int, str], int]:
-    """Bytes the drafter will hold, as a function of the target's planned context and KV type (a draft model
-    keeps its own KV cache of the same length). The planner calls it for every candidate configuration."""
+def planned_footprint(spec: DraftSpec, adapt: bool = False) -> Callable[[int, str, int], dict[str, int]]:
+    """The drafter's declared memory, part by part, as a function of the target's planned context, KV type
+    and prefill batch: a draft model is opened with the same three (``make``), so it holds its own KV cache of
+    that length and type. The planner calls it for every candidate configuration and itemizes the parts."""
     if spec.kind == "none":
-        return lambda n_ctx, kv_type: 0
+        return lambda n_ctx, kv_type, n_batch: {}
     if spec.kind == "ngram":
-        return lambda n_ctx, kv_type: NGRAM_BYTES
+        return lambda n_ctx, kv_type, n_batch: {"ngram_index": NGRAM_BYTES}
     if spec.kind == "redrafter":
         from edgespec.models import online, redrafter
 
-        head = redrafter.declared_bytes(Path(spec.arg))
-        extra = online.declared_bytes(Path(spec.arg)) if adapt else 0
-        return lambda n_ctx, kv_type: head + extra
-    from edgespec.memory.footprint import llama_footprint, read_shape
+        parts = {"head": redrafter.declared_bytes(Path(spec.arg))}
+        if adapt:
+            parts.update(online.declared_parts(Path(spec.arg)))
+        return lambda n_ctx, kv_type, n_batch: dict(parts)
+    from edgespec.memory.footprint import DRAFT, llama_footprint, read_shape
 
     shape = read_shape(registry.resolve(spec.arg))
-    if spec.kind == "model":  # its own KV cache, of the target's length and KV type
-        return lambda n_ctx, kv_type: llama_footprint(shape, n_ctx, kv_type, DRAFT_BATCH, 1).total
-    from edgespec.models.cross_vocab import declared_cache_bytes
+    extra = {}
+    if spec.kind == "xvocab":
+        from edgespec.models.cross_vocab import declared_cache_bytes
 
-    cache = declared_cache_bytes(shape.n_vocab)
-    return lambda n_ctx, kv_type: llama_footprint(shape, n_ctx, "f16", DRAFT_BATCH, 1).total + cache
+        extra = {f"{DRAFT}span_cache": declared_cache_bytes(shape.n_vocab)}
+    return lambda n_ctx, kv_type, n_batch: {**llama_footprint(shape, n_ctx, kv_type, n_batch, 1, prefix=DRAFT).parts,
+                                            **extra}
 
 
-def make(spec: DraftSpec, target: Backend, model: str, open_backend: Callable[[Path, str], Backend],
+def make(spec: DraftSpec, target: Backend, model: str, open_backend: Callable[[Path], Backend],
          adapt: bool = False, notices: list[str] | None = None) -> Drafter | None:
-    """Build the drafter of a parsed spec. ``open_backend(path, kv_type)`` opens a draft model's backend
-    with the target's context settings. ``adapt``: a ReDrafter adapts online (when torch is installed;
-    otherwise a line is added to ``notices`` and it does not)."""
+    """Build the drafter of a parsed spec. ``open_backend(path)`` opens a draft model's backend with the
+    target's planned context, KV type and batch (what ``planned_footprint`` declared). ``adapt``: a ReDrafter
+    adapts online (when torch is installed; otherwise a line is added to ``notices`` and it does not)."""
     if spec.kind == "none":
         return None
     if spec.kind == "ngram":
@@ -138,14 +140,18 @@ def make(spec: DraftSpec, target: Backend, model: str, open_backend: Callable[[P
             adapt = False
         return with_adapter(ReDrafter, weights, Path(target.path), model) if adapt else \
             ReDrafter(weights, Path(target.path))
-    path = registry.resolve(spec.arg)
-    if spec.kind == "xvocab":
-        from edgespec.models.cross_vocab import CrossVocabDrafter
+    backend = open_backend(registry.resolve(spec.arg))
+    try:
+        if spec.kind == "xvocab":
+            from edgespec.models.cross_vocab import CrossVocabDrafter
 
-        return CrossVocabDrafter(open_backend(path, "f16"), target)
-    from edgespec.models.draft_model import DraftModelDrafter
+            return CrossVocabDrafter(backend, target)
+        from edgespec.models.draft_model import DraftModelDrafter
 
-    return DraftModelDrafter(open_backend(path, getattr(target, "kv_type", "f16")), target_vocab=target.info.n_vocab)
+        return DraftModelDrafter(backend, target_vocab=target.info.n_vocab)
+    except BaseException:
+        backend.close()
+        raise
 
 
 def with_adapter(cls, weights: Path, target_path: Path, model: str):

@@ -11,20 +11,57 @@ run is the verify tree (llama.cpp's output rows and the Python copies of its log
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
+import sys
 from dataclasses import dataclass, field
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+MACH_TASK_BASIC_INFO = 20  # <mach/task_info.h>
+M_MMAP_THRESHOLD = -3  # <malloc.h> (glibc)
+
+
+class _MachTaskBasicInfo(ctypes.Structure):
+    _pack_ = 4  # declared under #pragma pack(4)
+    _fields_ = [("virtual_size", ctypes.c_uint64), ("resident_size", ctypes.c_uint64),
+                ("resident_size_max", ctypes.c_uint64), ("user_time", ctypes.c_int32 * 2),
+                ("system_time", ctypes.c_int32 * 2), ("policy", ctypes.c_int32), ("suspend_count", ctypes.c_int32)]
+
+
+_libc = None
+
+
+def _mach_resident_bytes() -> int:
+    """macOS: the task's current resident size (``task_info(mach_task_self(), MACH_TASK_BASIC_INFO)``)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL("/usr/lib/libSystem.B.dylib")
+        _libc.task_info.argtypes = [ctypes.c_uint32, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+        _libc.task_info.restype = ctypes.c_int
+    info = _MachTaskBasicInfo()
+    count = ctypes.c_uint32(ctypes.sizeof(info) // 4)  # MACH_TASK_BASIC_INFO_COUNT, in natural_t units
+    task = ctypes.c_uint32.in_dll(_libc, "mach_task_self_").value
+    if _libc.task_info(task, MACH_TASK_BASIC_INFO, ctypes.byref(info), ctypes.byref(count)) != 0:
+        raise OSError("task_info(MACH_TASK_BASIC_INFO) failed")
+    return int(info.resident_size)
+
+
+def _read_statm() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
 
 
 def rss_bytes() -> int:
-    """Resident set size now."""
+    """Resident set size now (not the peak: the guard must see memory that was freed)."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * PAGE
-    except OSError:  # macOS: no /proc; ru_maxrss is the best portable figure (bytes there)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return _read_statm()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        return _mach_resident_bytes()
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # elsewhere only the peak is portable: conservative
+    return r * 1024
 
 
 def peak_rss_bytes() -> int:
@@ -37,7 +74,21 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if os.uname().sysname == "Darwin" else r * 1024
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def return_large_frees(threshold: int = 256 << 10) -> bool:
+    """glibc: serve allocations of ``threshold`` bytes or more with mmap, so their pages go back to the system
+    when freed. By default glibc raises that threshold after the first large free (up to 32 MiB) and keeps
+    freed blocks in per-thread arenas, so the resident set holds each arena's high-water mark. Measured
+    with online adaptation's training steps in background threads: RSS peaked 748 MiB above the loaded head
+    without this, 449 MiB with it (steady 350-355 MiB between updates). Process-wide; False where unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 @dataclass
