@@ -150,9 +150,10 @@ def apply_plan(opts: LoadOptions, path: Path, spec: drafters.DraftSpec, adapt: b
     """Options rewritten by the memory planner for ``opts.memory_budget`` (raises ``BudgetError``): the
     drafter's declared parts (a draft model's weights, KV cache and buffers, a head and its adaptation) are
     counted. The context is halved down to 512 tokens at most (or the asked-for context, when smaller)."""
-    p = plan(path, parse_size(opts.memory_budget), want_ctx=opts.n_ctx, min_ctx=min(512, opts.n_ctx),
+    shape = read_shape(path)
+    p = plan(shape, parse_size(opts.memory_budget), want_ctx=opts.n_ctx, min_ctx=min(512, opts.n_ctx),
              draft=None if spec.kind == "none" else str(spec), backend=pick_backend(opts.backend),
-             draft_bytes=drafters.planned_footprint(spec, adapt))
+             draft_bytes=drafters.planned_footprint(spec, adapt, shape.n_vocab))
     if p.draft is None:
         spec = drafters.DraftSpec("none")
     opts = dataclasses.replace(opts, n_ctx=p.n_ctx, kv_type=p.kv_type, n_batch=p.n_batch)

@@ -92,10 +92,12 @@ def trainer_available() -> bool:
         return False
 
 
-def planned_footprint(spec: DraftSpec, adapt: bool = False) -> Callable[[int, str, int], dict[str, int]]:
+def planned_footprint(spec: DraftSpec, adapt: bool = False,
+                      target_vocab: int = 0) -> Callable[[int, str, int], dict[str, int]]:
     """The drafter's declared memory, part by part, as a function of the target's planned context, KV type
     and prefill batch: a draft model is opened with the same three (``make``), so it holds its own KV cache of
-    that length and type. The planner calls it for every candidate configuration and itemizes the parts."""
+    that length and type. The planner calls it for every candidate configuration and itemizes the parts.
+    ``target_vocab``: the target's vocabulary size (a cross-vocabulary drafter maps both vocabularies)."""
     if spec.kind == "none":
         return lambda n_ctx, kv_type, n_batch: {}
     if spec.kind == "ngram":
@@ -112,9 +114,10 @@ def planned_footprint(spec: DraftSpec, adapt: bool = False) -> Callable[[int, st
     shape = read_shape(registry.resolve(spec.arg))
     extra = {}
     if spec.kind == "xvocab":
-        from edgespec.models.cross_vocab import declared_cache_bytes
+        from edgespec.models.cross_vocab import declared_cache_bytes, declared_vocab_bytes
 
-        extra = {f"{DRAFT}span_cache": declared_cache_bytes(shape.n_vocab)}
+        extra = {f"{DRAFT}vocab_maps": declared_vocab_bytes(target_vocab, shape.n_vocab),
+                 f"{DRAFT}span_cache": declared_cache_bytes(shape.n_vocab)}
     return lambda n_ctx, kv_type, n_batch: {**llama_footprint(shape, n_ctx, kv_type, n_batch, 1, prefix=DRAFT).parts,
                                             **extra}
 

@@ -39,13 +39,29 @@ def test_planner_counts_the_draft_models_weights_and_kv(qwen_path, smol_path):
 
 
 def test_draft_kv_follows_the_planned_context_and_type(qwen_path, smol_path):
-    parts = drafters.planned_footprint(DraftSpec("xvocab", str(smol_path)))
+    parts = drafters.planned_footprint(DraftSpec("xvocab", str(smol_path)), target_vocab=151936)
     small, big = parts(512, "q4_0", 128), parts(4096, "f16", 512)
     draft = read_shape(smol_path)
     assert small[f"{DRAFT}kv_cache"] == 512 * draft.kv_bytes_per_token("q4_0")
     assert big[f"{DRAFT}kv_cache"] == 4096 * draft.kv_bytes_per_token("f16")
     assert big[f"{DRAFT}compute_buffer"] > small[f"{DRAFT}compute_buffer"]  # a 512-token batch's activations
     assert small[f"{DRAFT}span_cache"] > 0  # the cross-vocabulary translator's cache
+
+
+def test_cross_vocab_tables_are_declared(qwen_path, smol_path):
+    from edgespec.backends.llama_cpp import LlamaCppBackend
+    from edgespec.models.cross_vocab import CrossVocabDrafter
+
+    target = LlamaCppBackend(qwen_path, n_ctx=256, n_threads=2, n_batch=32)
+    draft = LlamaCppBackend(smol_path, n_ctx=256, n_threads=2, n_batch=32)
+    declared = drafters.planned_footprint(DraftSpec("xvocab", str(smol_path)),
+                                          target_vocab=target.info.n_vocab)(256, "f16", 32)[f"{DRAFT}vocab_maps"]
+    before = live.rss_bytes()
+    x = CrossVocabDrafter(draft, target)  # both vocabularies' token bytes and the translator's index
+    grown = live.rss_bytes() - before
+    assert 0.6 * declared < grown <= declared, (grown / 2**20, declared / 2**20)
+    x.close()
+    target.close()
 
 
 def test_draft_model_opens_with_the_planned_settings(qwen_path, smol_path):
