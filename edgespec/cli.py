@@ -150,16 +150,34 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     if a.online:
-        from edgespec.onlinebench import main as online_main
+        from edgespec.benches.online import main as online_main
 
         return online_main(a)
     if a.memory_budgets:
-        from edgespec.membench import main as membench_main
+        from edgespec.benches.memory import main as memory_main
 
-        return membench_main(a)
-    from edgespec.bench import main as bench_main
+        return memory_main(a)
+    from edgespec.benches.speed import main as speed_main
 
-    return bench_main(a)
+    return speed_main(a)
+
+
+def cmd_bench_server(argv: list[str]) -> int:
+    """``edgespec bench --server ...``: the server bench, with every other option of the command its own."""
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"edgespec bench --server needs {', '.join(missing)}: pip install 'edgespec[dev]'", file=sys.stderr)
+        return 2
+    from edgespec.benches.server import main as server_main
+
+    return server_main([x for x in argv if not _is_server_flag(x)], prog="edgespec bench --server")
+
+
+def _is_server_flag(arg: str) -> bool:
+    """``--server`` or an abbreviation argparse would take for it (no other bench option starts with ``--s``)."""
+    return len(arg) > 2 and "--server".startswith(arg)
 
 
 HELP = "/reset clears the conversation, /stats shows statistics, /exit quits (Ctrl-C stops a reply)"
@@ -338,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed draft depth of the --online runs, so that tokens/verify measures the drafter itself "
                         "(0: the cost-aware controller)")
     p.add_argument("--chat-tokens", type=int, default=64, help="tokens per turn of the 10-turn chat (--memory-budgets)")
+    p.add_argument("--server", action="store_true",
+                   help="server benchmark instead (edgespec serve against the in-process API): every other option "
+                        "goes to it; `edgespec bench --server --help` lists them")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("convert", help="convert a GGUF model to MLX weights (done automatically on first MLX use)")
@@ -409,9 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"] and any(_is_server_flag(x) for x in argv[1:]):  # it parses its own options
+        run = lambda: cmd_bench_server(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        run = lambda: args.func(args) or 0
     try:
-        return args.func(args) or 0
+        return run()
     except (registry.ModelError, PromptTooLongError, BackendError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -125,7 +125,7 @@ def ngrams(ws: list[str], n: int) -> set[tuple[str, ...]]:
 
 def benchmark_texts() -> list[str]:
     """The prompts that evaluation uses: HumanEval's (when the package is installed) and the bench's own lists."""
-    from edgespec.bench import ADVERSARIAL_PROMPTS, CHAT_PROMPTS
+    from edgespec.benches.prompts import ADVERSARIAL_PROMPTS, CHAT_PROMPTS
 
     texts = list(CHAT_PROMPTS) + list(ADVERSARIAL_PROMPTS)
     try:

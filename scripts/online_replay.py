@@ -35,7 +35,7 @@ def record_traffic(path: Path) -> None:
     from edgespec.backends.llama_cpp import LlamaCppBackend
     from tqdm import tqdm
 
-    from edgespec.bench import load_prompts
+    from edgespec.benches.prompts import load_prompts
 
     target = LlamaCppBackend(registry.resolve(MODEL), n_ctx=1024, n_threads=2)
     n = TOKENS + DEPTH + 1  # a little past the end, so that the last drafts can be checked

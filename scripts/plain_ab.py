@@ -17,7 +17,7 @@ import numpy as np
 from edgespec.backends.llama_cpp import LlamaCppBackend
 
 from edgespec import registry
-from edgespec.bench import load_prompts
+from edgespec.benches.prompts import load_prompts
 
 VARIANTS = {
     # name: (backend kwargs, plain decode reads the hidden state)

@@ -52,3 +52,16 @@ def test_models_list():
     assert r.returncode == 0
     for mid in ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", "smollm2-135m", "gemma-3-270m"):
         assert mid in r.stdout
+
+
+def test_bench_names_every_bench_and_passes_server_options_through():
+    r = run("bench", "--help")
+    assert r.returncode == 0
+    for opt in ("--memory-budgets", "--online", "--server"):
+        assert opt in r.stdout
+    for flag in ("--server", "--serv"):  # argparse's abbreviation goes the same way
+        r = run("bench", flag, "--help")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("usage: edgespec bench --server") and "--sections" in r.stdout
+    r = run("bench", "--server", "--prompts", "chat")  # a speed-bench option is refused, not ignored
+    assert r.returncode == 2 and "unrecognized arguments: --prompts chat" in r.stderr

@@ -153,7 +153,7 @@ def test_instructions_are_not_benchmark_prompts(clean, runs, tmp_path):
 
 
 def test_templates_do_not_echo_the_bench_prompts():
-    from edgespec.bench import ADVERSARIAL_PROMPTS, CHAT_PROMPTS
+    from edgespec.benches.prompts import ADVERSARIAL_PROMPTS, CHAT_PROMPTS
 
     bench = Decontaminator(CHAT_PROMPTS + ADVERSARIAL_PROMPTS)
     for kind, ts in TEMPLATES.items():

@@ -47,7 +47,7 @@ def run_stream(target, drafter, prompts, max_tokens: int, adapt: bool, costs: di
 def main(args) -> int:
     from edgespec import registry
     from edgespec.backends.llama_cpp import LlamaCppBackend
-    from edgespec.bench import load_prompts
+    from edgespec.benches.prompts import load_prompts
     from edgespec.controller import calibrate
     from edgespec.drafters import redrafter_weights
     from edgespec.models.redrafter import ReDrafter

@@ -16,12 +16,15 @@ process with the same options. Sections (``--sections``, all by default):
 
 Real run (about 40 minutes on 2 cores with the 1.5B model; the machine otherwise idle):
 
-    .venv/bin/python scripts/server_bench.py --model qwen2.5-coder-1.5b --threads 2 --out bench_out/server
+    edgespec bench --server --model qwen2.5-coder-1.5b --threads 2 --out bench_out/server
+
+(``python -m edgespec.benches.server`` takes the same options; ``--help`` lists them). It needs FastAPI, uvicorn
+and httpx (the ``dev`` extra; ``server`` has the first two).
 
 It writes ``<out>/server_bench.json``. ``--exact`` keeps verify batches bit-identical to plain decoding (greedy
 texts then match for certain; deeper drafts without it). A tiny end-to-end check:
 
-    .venv/bin/python scripts/server_bench.py --model smollm2-135m --n-prompts 2 --max-tokens 16 \\
+    edgespec bench --server --model smollm2-135m --n-prompts 2 --max-tokens 16 \\
         --conversations 2 --conv-tokens 300 --turns 2 --edits 2 --requests 12 --rss-early 4 --out /tmp/sb
 """
 
@@ -45,7 +48,7 @@ import httpx
 
 import edgespec
 from edgespec import machine
-from edgespec.bench import CHAT_PROMPTS
+from edgespec.benches.prompts import CHAT_PROMPTS
 
 SOURCES = ["textwrap", "shlex", "json.decoder", "json.encoder", "jinja2.utils", "jinja2.filters", "httpx._urlparse",
            "starlette.datastructures", "tqdm.utils", "argparse", "configparser", "difflib"]
@@ -226,14 +229,19 @@ def source_text(module: str) -> str | None:
     return Path(spec.origin).read_text()
 
 
+def installed_sources():
+    """``(module, source text)`` of each of ``SOURCES`` that is installed as a ``.py`` file."""
+    for module in SOURCES:
+        text = source_text(module)
+        if text is not None:
+            yield module, text
+
+
 def conversations(a, rt) -> list[list[dict]]:
     """Opening messages of ``a.conversations`` chats, each about ``a.conv_tokens`` tokens: a source file cut to
     size and a question about it."""
     out = []
-    for module in SOURCES:
-        text = source_text(module)
-        if text is None:
-            continue
+    for module, text in installed_sources():
         lines = text.splitlines()
         code, n = [], 0
         for line in lines:
@@ -315,10 +323,7 @@ class Edit:
 def edit_set(n: int) -> list[Edit]:
     """``n`` edits of top-level functions (12-40 lines) of installed modules, kinds in rotation."""
     pools = []
-    for module in SOURCES:
-        text = source_text(module)
-        if text is None:
-            continue
+    for module, text in installed_sources():
         lines = text.splitlines()
         funcs = []
         for node in ast.parse(text).body:
@@ -413,8 +418,11 @@ def bench_rss(a, srv: ServerProc) -> dict:
             "prompt_cache_bytes": srv.metric("edgespec_prompt_cache_bytes")}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m edgespec.benches.server") -> int:
+    """Run the server bench with ``argv`` (default: this process's arguments); ``prog`` names the command in
+    ``--help`` and in the report (``edgespec bench --server`` passes its own name)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="qwen2.5-coder-1.5b")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-ctx", type=int, default=4096)
@@ -440,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     opts = Options(a.model, a.threads, a.n_ctx, a.draft, a.exact, a.adapt)
-    report: dict = {"meta": {"command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
+    report: dict = {"meta": {"command": " ".join([prog, *argv]),
                              "options": asdict(opts), "args": vars(a), "machine": machine.describe(),
                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "pid_cpus": os.cpu_count()}}
     rt = opts.load()

@@ -1,6 +1,6 @@
 """``edgespec bench --memory-budgets ...``: throughput and real peak RSS under a list of memory budgets.
 
-Every run is a fresh subprocess (``python -m edgespec.membench WORKER-JSON``) so that its peak RSS
+Every run is a fresh subprocess (``python -m edgespec.benches.memory WORKER-JSON``) so that its peak RSS
 (VmHWM) is its own. A run loads the model under ``--memory-budget`` (the planner picks context, KV
 type, batch and drafter; the live guard caps the tree), then runs three scenarios:
 * ``long``: one raw completion of a long prompt (HumanEval prompts one after another, up to 1100 tokens
@@ -43,7 +43,7 @@ CHAT_TURNS = [
 
 def worker(job: dict) -> dict:
     """One run in this (fresh) process: load under the budget, run both scenarios, report."""
-    from edgespec.bench import load_prompts
+    from edgespec.benches.prompts import load_prompts
     from edgespec.generate import GenerationConfig, Stats, stream
     from edgespec.memory.live import peak_rss_bytes
     from edgespec.memory.planner import BudgetError
@@ -111,7 +111,8 @@ def _measure(stats: list) -> dict:
 
 
 def spawn(job: dict) -> dict:
-    r = subprocess.run([sys.executable, "-m", "edgespec.membench", json.dumps(job)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "edgespec.benches.memory", json.dumps(job)], capture_output=True,
+                       text=True)
     if r.returncode != 0:
         return {"error": r.stderr.strip().splitlines()[-3:]}
     return json.loads(r.stdout.strip().splitlines()[-1])
