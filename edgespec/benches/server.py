@@ -258,6 +258,10 @@ def conversations(a, rt) -> list[list[dict]]:
     return out
 
 
+FRESH = [("Quiz", "the sky"), ("Puzzle", "fresh grass"), ("Riddle", "a ripe lemon"), ("Trivia", "fresh snow"),
+         ("Teaser", "the sea"), ("Query", "a ripe tomato"), ("Problem", "a crow"), ("Exercise", "a ripe banana")]
+
+
 def run_conversations(srv: ServerProc, convs: list[list[dict]], a) -> dict:
     history = [list(c) for c in convs]
     turns = []
@@ -279,10 +283,15 @@ def run_conversations(srv: ServerProc, convs: list[list[dict]], a) -> dict:
     for r in range(1, a.turns):
         for k in range(len(convs)):
             turn(k, FOLLOW_UPS[(r - 1) % len(FOLLOW_UPS)])
-        q = (f"Question {r}: in one word, what colour is the sky on a clear summer day at noon? "
+        # a fresh ~50-token prompt, its own words from the first one on, so that it shares only the template's
+        # opening with anything cached (its cached tokens are recorded); one a round keeps the cache's entries
+        # for the conversations (4 + the fresh ones stay within the default 8)
+        subject, thing = FRESH[(r - 1) % len(FRESH)]
+        q = (f"{subject} {r}: in one word, what colour is {thing} on a clear summer day at noon? "
              "Reply with just the colour.")
-        t = srv.chat([{"role": "user", "content": q}], 4)  # a fresh ~50-token prompt (with the template's parts)
-        fresh.append({"ttft_ms": round(t.ttft_s * 1000, 1), "prompt_tokens": t.usage["prompt_tokens"]})
+        t = srv.chat([{"role": "user", "content": q}], 4)
+        fresh.append({"ttft_ms": round(t.ttft_s * 1000, 1), "prompt_tokens": t.usage["prompt_tokens"],
+                      "cached_tokens": t.usage["prompt_tokens_details"]["cached_tokens"]})
     switched = [t["ttft_ms"] for t in turns if t["turn"] > 1]
     return {"turns": turns, "fresh_50": fresh, "switched_ttft_ms_median": med(switched),
             "fresh_50_ttft_ms_median": med([f["ttft_ms"] for f in fresh])}
