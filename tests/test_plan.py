@@ -48,20 +48,28 @@ def test_draft_kv_follows_the_planned_context_and_type(qwen_path, smol_path):
     assert small[f"{DRAFT}span_cache"] > 0  # the cross-vocabulary translator's cache
 
 
-def test_cross_vocab_tables_are_declared(qwen_path, smol_path):
-    from edgespec.backends.llama_cpp import LlamaCppBackend
-    from edgespec.models.cross_vocab import CrossVocabDrafter
+VOCAB_TABLES = """
+import json, sys
+from edgespec.backends.llama_cpp import LlamaCppBackend
+from edgespec.memory import live
+from edgespec.models.cross_vocab import CrossVocabDrafter
+target = LlamaCppBackend(sys.argv[1], n_ctx=256, n_threads=2, n_batch=32)
+draft = LlamaCppBackend(sys.argv[2], n_ctx=256, n_threads=2, n_batch=32)
+before = live.rss_bytes()
+x = CrossVocabDrafter(draft, target)  # both vocabularies' token bytes and the translator's index
+print(json.dumps({"grown": live.rss_bytes() - before, "n_vocab": target.info.n_vocab}))
+"""
 
-    target = LlamaCppBackend(qwen_path, n_ctx=256, n_threads=2, n_batch=32)
-    draft = LlamaCppBackend(smol_path, n_ctx=256, n_threads=2, n_batch=32)
+
+def test_cross_vocab_tables_are_declared(qwen_path, smol_path):
+    # measured in a fresh process: in this one, memory freed by earlier tests would be reused without growing RSS
+    r = subprocess.run([sys.executable, "-c", VOCAB_TABLES, str(qwen_path), str(smol_path)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
     declared = drafters.planned_footprint(DraftSpec("xvocab", str(smol_path)),
-                                          target_vocab=target.info.n_vocab)(256, "f16", 32)[f"{DRAFT}vocab_maps"]
-    before = live.rss_bytes()
-    x = CrossVocabDrafter(draft, target)  # both vocabularies' token bytes and the translator's index
-    grown = live.rss_bytes() - before
-    assert 0.6 * declared < grown <= declared, (grown / 2**20, declared / 2**20)
-    x.close()
-    target.close()
+                                          target_vocab=out["n_vocab"])(256, "f16", 32)[f"{DRAFT}vocab_maps"]
+    assert 0.6 * declared < out["grown"] <= declared, (out["grown"] / 2**20, declared / 2**20)
 
 
 def test_draft_model_opens_with_the_planned_settings(qwen_path, smol_path):
