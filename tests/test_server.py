@@ -346,16 +346,17 @@ def perimeter_of_circle(radius):
 '''
 
 
-def test_predicted_outputs_same_text_most_tokens_accepted(served):
+def test_predicted_outputs_same_text_most_tokens_accepted(served, monkeypatch):
     msgs = ask("Rename the parameter radius to r in both functions. Reply with only the full code.\n\n"
                f"```python\n{CODE}```")
-    # drafting decisions come from measured verify costs, which another process's load can skew (a 2-row verify
-    # measured dearer than the chance of acceptance): start from a plausible table so the test does not depend
-    # on the machine's load
-    ctl = served.rt.controller
-    t1 = ctl.verify_s.get(1, 0.05)
-    ctl.verify_s.clear()
-    ctl.verify_s.update({1: t1, 2: 1.2 * t1, 3: 1.4 * t1})
+    # Whether drafting pays is the controller's call on this machine's measured verify costs (on an AVX2 CPU
+    # 2 and 3 rows cost ~1.9 and ~2.9 steps, and under exact=True a prediction then never pays; another
+    # process's load skews them too). Fix the depth at the exact cap, so that the test checks the drafter's
+    # alignment and what the target accepts, not the machine.
+    from edgespec import runtime
+
+    real = runtime.controller_for
+    monkeypatch.setattr(runtime, "controller_for", lambda drafter, **kw: real(drafter, fixed_depth=2, **kw))
     served.fresh()
     plain = served.client.chat.completions.create(model=QWEN, messages=msgs, max_tokens=120, temperature=0)
     served.fresh()
