@@ -146,14 +146,20 @@ def load(model: str = registry.DEFAULT_MODEL, **options) -> Runtime:
     return rt
 
 
+def plan_for(path: Path, budget: int, n_ctx: int, min_ctx: int, spec: drafters.DraftSpec, adapt: bool,
+             backend: str = "auto"):
+    """The memory plan for the model at ``path`` with drafter ``spec`` (its declared parts counted) under
+    ``budget`` bytes: what ``apply_plan`` applies and ``edgespec plan`` prints."""
+    shape = read_shape(path)
+    return plan(shape, budget, want_ctx=n_ctx, min_ctx=min_ctx, draft=None if spec.kind == "none" else str(spec),
+                backend=pick_backend(backend), draft_bytes=drafters.planned_footprint(spec, adapt, shape.n_vocab))
+
+
 def apply_plan(opts: LoadOptions, path: Path, spec: drafters.DraftSpec, adapt: bool):
     """Options rewritten by the memory planner for ``opts.memory_budget`` (raises ``BudgetError``): the
     drafter's declared parts (a draft model's weights, KV cache and buffers, a head and its adaptation) are
     counted. The context is halved down to 512 tokens at most (or the asked-for context, when smaller)."""
-    shape = read_shape(path)
-    p = plan(shape, parse_size(opts.memory_budget), want_ctx=opts.n_ctx, min_ctx=min(512, opts.n_ctx),
-             draft=None if spec.kind == "none" else str(spec), backend=pick_backend(opts.backend),
-             draft_bytes=drafters.planned_footprint(spec, adapt, shape.n_vocab))
+    p = plan_for(path, parse_size(opts.memory_budget), opts.n_ctx, min(512, opts.n_ctx), spec, adapt, opts.backend)
     if p.draft is None:
         spec = drafters.DraftSpec("none")
     opts = dataclasses.replace(opts, n_ctx=p.n_ctx, kv_type=p.kv_type, n_batch=p.n_batch)

@@ -134,16 +134,12 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 def cmd_plan(a: argparse.Namespace) -> int:
     from edgespec import drafters
-    from edgespec.build import pick_backend
-    from edgespec.memory.footprint import read_shape
-    from edgespec.memory.planner import parse_size, plan
+    from edgespec.build import plan_for
+    from edgespec.memory.planner import parse_size
 
     spec = drafters.parse(a.draft, a.model)
     adapt = a.adapt and spec.kind == "redrafter" and drafters.trainer_available()
-    shape = read_shape(registry.resolve(a.model))
-    p = plan(shape, parse_size(a.memory_budget), want_ctx=a.n_ctx, min_ctx=a.min_ctx,
-             draft=None if spec.kind == "none" else str(spec), backend=pick_backend(a.backend),
-             draft_bytes=drafters.planned_footprint(spec, adapt, shape.n_vocab))
+    p = plan_for(registry.resolve(a.model), parse_size(a.memory_budget), a.n_ctx, a.min_ctx, spec, adapt, a.backend)
     print(p.describe())
     return 0
 
