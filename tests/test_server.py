@@ -203,23 +203,34 @@ def test_disconnect_while_waiting_for_a_whole_answer(served):
 
 
 def test_full_queue_gets_429_with_retry_after(served):
+    """The test itself holds the model (a stream paused at its first chunk), so the engine's request cannot
+    finish while the queue is probed: the outcome does not depend on how fast the machine decodes."""
     engine = served.srv.engine
-    body = {"messages": ask("Count from one to one hundred in words."), "max_tokens": 300, "stream": True}
+    body = {"messages": ask("Count from one to ten in words."), "max_tokens": 8, "temperature": 0, "stream": True}
     old, engine.max_queue = engine.max_queue, 1
+    hold = served.rt.stream("Hello", max_tokens=4)
     try:
+        next(hold)  # the model is ours until hold is closed
         with httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
             with c.stream("POST", "/v1/chat/completions", json=body) as running:
-                next(running.iter_lines())  # it has started
+                lines = running.iter_lines()
+                next(lines)  # it has left the queue and waits for the model
+                assert engine.current is not None and engine.waiting == 0
                 with c.stream("POST", "/v1/chat/completions", json=body) as waiting:
                     deadline = time.time() + 10
                     while engine.waiting < 1 and time.time() < deadline:
                         time.sleep(0.02)
+                    assert engine.waiting == 1
                     r = c.post("/v1/chat/completions", json={**body, "stream": False})
                     assert r.status_code == 429
                     assert int(r.headers["Retry-After"]) >= 1
                     assert r.json()["error"]["code"] == "queue_full"
                     assert waiting.status_code == 200
+                    hold.close()  # both queued requests now run to the end
+                    assert "[DONE]" in waiting.read().decode()
+                assert "data: [DONE]" in list(lines)
     finally:
+        hold.close()
         engine.max_queue = old
     _stops_growing(served)
 
