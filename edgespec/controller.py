@@ -14,8 +14,9 @@ between probes doubles after each one (up to ``probe_max`` plain steps) while dr
 falls back to ``probe_every`` as soon as it pays, so a drafter that never pays on this hardware costs little.
 
 A self-gating drafter (one that predicts its own acceptance, like the n-gram drafter) gets the
-marginal cost of every extra node instead, and drafts a node only where it expects to gain more
-than it costs; with no confident proposal the step is plain decoding, at no extra cost. Marginal costs come
+marginal cost of every extra node instead, and drafts the prefix of a proposal with the largest expected gain
+(nodes' acceptance chances less their costs, summed: a dear first row can be paid by cheap later ones); with no
+confident proposal the step is plain decoding, at no extra cost. Marginal costs come
 from the table's lower envelope (the cheapest verify of at least n rows), so a node that takes the batch
 into a cheaper kernel is priced at what it really adds.
 

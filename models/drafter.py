@@ -35,6 +35,24 @@ class TreeShape:
             return False
         return not self.node_cost or path_prob >= self.node_cost[min(n_nodes, len(self.node_cost) - 1)]
 
+    def cost(self, k: int) -> float:
+        """What the (k+1)-th node of the verify batch costs, in plain decoding steps (0 when not priced)."""
+        return self.node_cost[min(k, len(self.node_cost) - 1)] if self.node_cost else 0.0
+
+    def keep(self, path_probs: list[float], n_nodes: int = 0) -> int:
+        """How many leading nodes of a chain to verify, after ``n_nodes`` already in the batch: the prefix with
+        the largest expected gain, the sum of each node's ``path_prob - cost``. Not node by node: where the
+        first extra row is dear and later ones cheap (a CPU whose 2-row verify costs ~2 steps but 16 rows
+        ~6), a confident long chain pays though its first node alone would not."""
+        best_k, best, gain = 0, 0.0, 0.0
+        for j, p in enumerate(path_probs):
+            if n_nodes + j >= self.max_nodes:
+                break
+            gain += p - self.cost(n_nodes + j)
+            if gain > best + 1e-12:
+                best_k, best = j + 1, gain
+        return best_k
+
 
 @dataclass
 class DraftTree:

@@ -7,8 +7,8 @@ and the tokens that followed its most recent occurrences become candidate branch
 packed into a prefix-deduplicated tree. Each proposal costs a few dict lookups.
 
 The drafter learns how often the target accepts a first node (and a later node) after a match of
-length n, and adds a node only while the chance that its whole path is accepted exceeds what the
-controller says one more verify node costs (``TreeShape.worth``).
+length n, and keeps the prefix of each branch whose nodes' chances of acceptance (of their whole path) most
+exceed what the controller says the extra verify rows cost (``TreeShape.keep``).
 """
 
 from __future__ import annotations
@@ -94,12 +94,11 @@ class NgramDrafter:
         beams, match_n = [], []
         n_nodes = 0
         for n, cont in self._candidates(shape):
-            path, keep = 1.0, 0
+            paths, path = [], 1.0
             for j in range(len(cont)):
                 path *= self.acc_first[n] if j == 0 else self.acc_next[n]
-                if not shape.worth(path, n_nodes + keep):
-                    break
-                keep += 1
+                paths.append(path)
+            keep = shape.keep(paths, n_nodes)
             if keep:
                 beams.append(cont[:keep])
                 match_n.append(n)

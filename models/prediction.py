@@ -8,7 +8,7 @@ it there are the draft. Where the output departs from the prediction (the edited
 the step decodes plainly; once the output joins the prediction again, a suffix matches and drafting resumes.
 
 Self-gating like the n-gram drafter: it learns, per request, how often a first node and a later node are
-accepted, and drafts a node only while its whole path is expected to pay for its verify cost. It counts
+accepted, and drafts the prefix of the continuation that is expected to pay most for its verify rows. It counts
 accepted and rejected prediction tokens for ``usage.completion_tokens_details``. Deterministic proposals,
 so greedy output is the target's own whatever is predicted.
 """
@@ -86,12 +86,11 @@ class PredictionDrafter:
             return DraftTree()
         end, n = found
         cont = self.pred[end:end + shape.depth]
-        keep, path = 0, 1.0
+        paths, path = [], 1.0
         for j in range(len(cont)):
             path *= self.acc_first[n] if j == 0 else self.acc_next
-            if not shape.worth(path, keep):
-                break
-            keep += 1
+            paths.append(path)
+        keep = shape.keep(paths)
         if not keep:  # not confident enough: decode plainly, and let the estimate drift back to the prior
             self.acc_first[n] += self.cfg.recover * (prior_first(n) - self.acc_first[n])
             return DraftTree()

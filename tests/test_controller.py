@@ -1,5 +1,5 @@
 """The cost model: shapes chosen from the measured verify-cost table (no timing here: tables are given)."""
-
+import pytest
 from edgespec.models.ngram import NgramDrafter
 
 from edgespec.controller import Controller, ControllerConfig, controller_for
@@ -46,3 +46,29 @@ def test_self_gating_costs_come_from_the_envelope():
     # the 2nd draft node takes the batch from 2 to 3 rows, the 3rd to 4 (cheaper than 3): by the envelope the
     # two together cost 0.14 steps, priced on the 2nd node and free on the 3rd
     assert abs(costs[0] - 0.5) < 1e-9 and abs(costs[1] - 0.14) < 1e-9 and costs[2] == 0.0
+
+
+def test_break_even_acceptance_from_the_cost_table():
+    from edgespec.machine import break_even
+
+    # depth 1 on c(2) = 1.5: (1 + a) / 1.5 = 1 at a = 0.5; for 1.2x, a = 0.8
+    assert break_even({1: 1.0, 2: 1.5}, 1.0)[1] == pytest.approx(0.5, abs=1e-3)
+    assert break_even({1: 1.0, 2: 1.5}, 1.2)[1] == pytest.approx(0.8, abs=1e-3)
+    # depth 2 on c(3) = 2.0: 1 + a + a^2 = 2 at a = 0.618 (the golden ratio's inverse)
+    assert break_even({3: 2.0}, 1.0)[2] == pytest.approx(0.618, abs=1e-3)
+    # two rows costing 2.1 steps: no acceptance rate pays; depths without a measured cost are left out
+    assert break_even({2: 2.1, 4: 2.0}, 1.0) == {1: None, 3: pytest.approx(0.544, abs=1e-3)}
+
+
+def test_a_chain_is_kept_by_its_best_prefix_not_node_by_node():
+    from edgespec.models.drafter import TreeShape
+
+    steep = TreeShape(depth=8, max_nodes=8, node_cost=(1.4, 0.5, 0.4, 0.3, 0.3, 0.3, 0.3, 0.3))
+    # the first node alone loses 0.45 of a step; four confident nodes gain 0.95 - 1.4 + 0.9 - 0.5 + ... > 0
+    assert not steep.worth(0.95, 0)
+    assert steep.keep([0.95, 0.9, 0.85, 0.8]) == 4
+    assert steep.keep([0.95, 0.5, 0.2, 0.1]) == 0  # no prefix gains
+    assert steep.keep([0.9, 0.8, 0.7, 0.3, 0.2]) == 3  # stops where the next node costs more than it brings
+    assert TreeShape(depth=8, max_nodes=2, node_cost=(0.1,) * 8).keep([0.9, 0.9, 0.9]) == 2  # node limit
+    assert TreeShape(depth=3).keep([0.1, 0.1]) == 2  # unpriced: every node
+    assert steep.keep([0.95, 0.9, 0.85, 0.8], n_nodes=7) == 1  # one place left in the batch

@@ -142,3 +142,20 @@ def test_prediction_drafter_follows_the_prediction_and_rejoins_after_an_edit():
     out += [998, 110, 111, 112]  # ... and joins the prediction again
     tree = d.propose(DraftContext(prompt + out[:-1], out[-1], None, None), shape)
     assert tree.tokens[:2] == [113, 114]
+
+
+def test_prediction_drafts_a_long_chain_where_the_first_extra_row_is_dear():
+    """c(n) as measured for qwen2.5-coder-0.5b on an AMD EPYC (Zen 5, 2 cores): the second row costs 1.5
+    steps, later ones ~0.2-0.5. A confident prediction still pays as a chain of 16 (its first node alone
+    would not); a prediction that no output follows costs nothing."""
+    c = [1.0, 2.5, 3.0, 3.4, 3.7, 3.9, 4.1, 4.3, 4.5, 4.65, 4.8, 4.95, 5.1, 5.25, 5.4, 5.55, 5.7]
+    steep = TreeShape(depth=16, max_nodes=16, node_cost=tuple(b - a for a, b in zip(c[:-1], c[1:], strict=True)))
+    pred = list(range(100, 160))
+    d = PredictionDrafter(pred)
+    d.propose(DraftContext([1, 2, 3], 100, None, None), steep)  # the output starts after the prompt [1, 2, 3]
+    tree = d.propose(DraftContext([1, 2, 3, 100, 101, 102, 103, 104, 105, 106], 107, None, None), steep)
+    assert tree.tokens == list(range(108, 124))
+    for k in range(1, 17):
+        assert not steep.worth(0.95 ** k, 0)  # node by node, no node would have been drafted
+    d.reset()
+    assert len(d.propose(DraftContext([1, 2, 3], 7, None, None), steep)) == 0

@@ -195,7 +195,9 @@ def write_report(out_dir: Path, meta: dict, summary: dict, checks: dict, per_pro
     lines = [f"Model `{meta['model']}`, prompts `{meta['prompts']}` (n={meta['n']}), {meta['max_tokens']} new tokens, "
              f"greedy, {meta['threads']} threads. Command: `{meta['command']}`", "",
              f"Machine: {meta['cpu']} ({meta['cores']} cores; {' '.join(meta['simd'])}). Verify cost c(n) in single "
-             f"steps, measured in this run: {machine.cost_line(meta['verify_cost'])}.", "",
+             f"steps, measured in this run: {machine.cost_line(meta['verify_cost'])}. Acceptance per depth a free "
+             f"drafter needs on this table to break even: {machine.break_even_line(meta['verify_cost'], 1.0)}; "
+             f"for 1.15x: {machine.break_even_line(meta['verify_cost'], 1.15)} (- : not even at 100%).", "",
              "| method | tok/s median [p25-p75] | speedup vs plain: median [p25-p75] (min-max) | tokens/verify | "
              "acceptance per depth | greedy == plain |",
              "|---|---|---|---|---|---|"]
