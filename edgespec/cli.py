@@ -414,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests that may wait for the model; beyond it 429 with Retry-After (default 16)")
     p.add_argument("--cache-entries", type=int, default=8,
                    help="conversations whose KV state the prompt cache keeps (default 8; 0 turns it off)")
+    p.add_argument("--stream-interval", type=float, default=0,
+                   help="milliseconds between streamed chunks at most: the text of the tokens decoded meanwhile goes "
+                        "in one chunk, the first at once (default 0: a chunk per token)")
     p.add_argument("--cache-size", default="1GB",
                    help="byte cap of the prompt cache (default 1GB; under --memory-budget at most what the plan "
                         "leaves free)")

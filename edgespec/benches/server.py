@@ -45,10 +45,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 import edgespec
 from edgespec import machine
 from edgespec.benches.prompts import CHAT_PROMPTS
+from edgespec.benches.speed import NEAR_TIE
 
 SOURCES = ["textwrap", "shlex", "json.decoder", "json.encoder", "jinja2.utils", "jinja2.filters", "httpx._urlparse",
            "starlette.datastructures", "tqdm.utils", "argparse", "configparser", "difflib"]
@@ -365,6 +367,24 @@ def edit_set(n: int) -> list[Edit]:
     return edits
 
 
+def parting_margin(rt, msgs: list[dict], plain: str, other: str) -> float:
+    """Plain decoding's top-two logit margin at the token where ``other`` parts from ``plain`` (the plain text
+    re-tokenized; the logits from a prefill of the prompt and the plain tokens before it): a near-tie when it is
+    below the speed bench's ``NEAR_TIE``."""
+    b = rt.backend
+    toks = b.tokenize(plain, add_special=False, parse_special=False)
+    n = next((i for i, (x, y) in enumerate(zip(plain, other, strict=False)) if x != y), min(len(plain), len(other)))
+    j, text = 0, b""
+    while j < len(toks) and len(text.decode("utf-8", errors="replace")) + len(b.token_bytes(toks[j])) <= n:
+        text += b.token_bytes(toks[j])
+        j += 1
+    b.truncate(0)
+    logits = b.prefill(rt.encode_chat(msgs) + toks[:j]).logits[-1]
+    b.truncate(0)
+    top = np.sort(logits)[-2:]
+    return float(top[1] - top[0])
+
+
 def bench_prediction(a, rt, srv: ServerProc) -> dict:
     rows = []
     edits = edit_set(a.edits)
@@ -386,12 +406,17 @@ def bench_prediction(a, rt, srv: ServerProc) -> dict:
                      "rejected_prediction_tokens": d["rejected_prediction_tokens"],
                      "tokens_per_verify": (fast.extra or {}).get("tokens_per_verify"),
                      "same_text": plain.text == fast.text})
+        if plain.text != fast.text:
+            rows[-1]["parting_margin"] = round(parting_margin(rt, msgs, plain.text, fast.text), 3)
+            rows[-1]["near_tie"] = rows[-1]["parting_margin"] < NEAR_TIE
         print(f"  edit {i + 1}/{len(edits)} {e.kind} {e.module}.{e.function}: {plain.tok_s:.2f} -> {fast.tok_s:.2f} "
               f"tok/s, accepted {d['accepted_prediction_tokens']}/{fast.tokens}, same text {plain.text == fast.text}",
               flush=True)
     tok = [sum(r["tokens"][k] for r in rows) for k in (0, 1)]
     gen_s = [sum(r["tokens"][k] / r["tok_s"][k] for r in rows if r["tok_s"][k] > 0) for k in (0, 1)]
     return {"rows": rows, "n": len(rows), "same_text": sum(r["same_text"] for r in rows),
+            "near_ties": sum(r.get("near_tie", False) for r in rows),
+            "mismatches": sum(not r["same_text"] and not r.get("near_tie", False) for r in rows),
             "tok_s_ratio_median": med([r["tok_s"][1] / r["tok_s"][0] for r in rows if r["tok_s"][0] > 0]),
             "tok_s_ratio_overall": round((tok[1] / gen_s[1]) / (tok[0] / gen_s[0]), 4) if all(gen_s) else None,
             "acceptance": round(sum(r["accepted_prediction_tokens"] for r in rows) / max(tok[1], 1), 4),
@@ -451,6 +476,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m edgespec.benches.
     ap.add_argument("--edit-extra-tokens", type=int, default=64, help="max_tokens of an edit: its code's + this")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--rss-early", type=int, default=10)
+    ap.add_argument("--stream-interval", type=float, default=0, help="the server's --stream-interval (ms)")
     ap.add_argument("--out", default="bench_out/server")
     a = ap.parse_args(argv)
     sections = [s for s in a.sections.split(",") if s]
@@ -465,7 +491,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m edgespec.benches.
         if "cache" in sections:
             report["cache"] = bench_cache(a, rt, opts, out)
         if {"overhead", "prediction", "rss"} & set(sections):
-            srv = ServerProc(opts, [], out / "serve.log")
+            srv = ServerProc(opts, ["--stream-interval", str(a.stream_interval)], out / "serve.log")
             try:
                 if "overhead" in sections:
                     print("overhead: server vs in-process", flush=True)
@@ -506,7 +532,8 @@ def summary(r: dict) -> dict:
         p = r["prediction"]
         s["prediction_tok_s_ratio"] = p["tok_s_ratio_median"]
         s["prediction_acceptance"] = p["acceptance"]
-        s["prediction_same_text"] = f"{p['same_text']}/{p['n']}"
+        parted = f", {p['near_ties']} near-tie, {p['mismatches']} mismatch" if p["same_text"] < p["n"] else ""
+        s["prediction_same_text"] = f"{p['same_text']}/{p['n']}{parted}"
     if "rss" in r:
         s["rss_growth"] = r["rss"]["growth"]
     return s
