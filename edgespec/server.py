@@ -120,18 +120,22 @@ class Job:
             else:
                 self._call(self._flush)
             return
-        with self._lock:  # the end (or an error) comes after all the text before it
-            text, self._text = "".join(self._text), []
+        text = self._take()  # the end (or an error) comes after all the text before it
         if text:
             self._call(self.events.put_nowait, ("chunk", text))
         self._call(self.events.put_nowait, (kind, value))
 
+    def _take(self) -> str:
+        with self._lock:
+            text, self._text = "".join(self._text), []
+            return text
+
     def _flush(self) -> None:
         """In the event loop: hand over the text gathered since the last hand-over."""
         with self._lock:
-            text, self._text = "".join(self._text), []
             self._scheduled = False
             self._last = time.perf_counter()
+        text = self._take()
         if text:
             self.events.put_nowait(("chunk", text))
 

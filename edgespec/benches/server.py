@@ -45,12 +45,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
 
 import edgespec
 from edgespec import machine
 from edgespec.benches.prompts import CHAT_PROMPTS
-from edgespec.benches.speed import NEAR_TIE
+from edgespec.benches.speed import NEAR_TIE, top2_margin
 
 SOURCES = ["textwrap", "shlex", "json.decoder", "json.encoder", "jinja2.utils", "jinja2.filters", "httpx._urlparse",
            "starlette.datastructures", "tqdm.utils", "argparse", "configparser", "difflib"]
@@ -378,11 +377,7 @@ def parting_margin(rt, msgs: list[dict], plain: str, other: str) -> float:
     while j < len(toks) and len(text.decode("utf-8", errors="replace")) + len(b.token_bytes(toks[j])) <= n:
         text += b.token_bytes(toks[j])
         j += 1
-    b.truncate(0)
-    logits = b.prefill(rt.encode_chat(msgs) + toks[:j]).logits[-1]
-    b.truncate(0)
-    top = np.sort(logits)[-2:]
-    return float(top[1] - top[0])
+    return top2_margin(b, rt.encode_chat(msgs) + toks[:j])
 
 
 def bench_prediction(a, rt, srv: ServerProc) -> dict:

@@ -143,12 +143,7 @@ class Bench:
         return Run(out, len(out) / decode if decode > 0 else 0.0, {"ttft_s": (t_first or t_end) - t0})
 
     def margin_at(self, prompt: list[int], plain: list[int], i: int) -> float:
-        b = self.target
-        b.truncate(0)
-        logits = b.prefill(prompt + plain[:i]).logits[0]
-        top = np.sort(logits)[-2:]
-        b.truncate(0)
-        return float(top[1] - top[0])
+        return top2_margin(self.target, prompt + plain[:i])
 
     def close(self) -> None:
         for llm in self.llamas.values():
@@ -157,6 +152,15 @@ class Bench:
             if rt.drafter is not None:
                 rt.drafter.close()
         self.target.close()
+
+
+def top2_margin(backend, tokens: list[int]) -> float:
+    """The gap between the two largest logits after ``tokens`` (a prefill from an empty cache, left empty)."""
+    backend.truncate(0)
+    logits = backend.prefill(tokens).logits[-1]
+    backend.truncate(0)
+    top = np.sort(logits)[-2:]
+    return float(top[1] - top[0])
 
 
 def summarize(results: dict[str, list[Run]], base: str = "plain") -> dict[str, dict]:
