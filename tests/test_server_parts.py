@@ -159,3 +159,43 @@ def test_prediction_drafts_a_long_chain_where_the_first_extra_row_is_dear():
         assert not steep.worth(0.95 ** k, 0)  # node by node, no node would have been drafted
     d.reset()
     assert len(d.propose(DraftContext([1, 2, 3], 7, None, None), steep)) == 0
+
+
+def test_streamed_text_is_gathered_per_interval_and_ends_before_done():
+    """``Job.emit`` from a worker thread: the first piece goes at once, pieces within the interval go together,
+    the end comes after all the text; without streaming (interval inf) the text comes whole with the end."""
+    import asyncio
+    import math
+    import threading
+
+    import pytest
+
+    pytest.importorskip("fastapi")
+    from edgespec.server import Job
+
+    async def run(interval: float, pause: float) -> list:
+        job = Job([], None, asyncio.get_running_loop(), interval=interval)
+        first = threading.Event()  # the consumer has the first chunk
+
+        def worker():
+            job.emit("chunk", "a")
+            if interval < math.inf:
+                first.wait(5)
+            job.emit("chunk", "b")
+            job.emit("chunk", "c")
+            threading.Event().wait(pause)
+            job.emit("chunk", "d")
+            job.emit("done", None)
+
+        threading.Thread(target=worker).start()
+        got = []
+        while not got or got[-1][0] != "done":
+            got.append(await asyncio.wait_for(job.events.get(), 5))
+            first.set()
+        return got
+
+    assert asyncio.run(run(0.0, 0.0)) == [("chunk", "a"), ("chunk", "b"), ("chunk", "c"), ("chunk", "d"),
+                                          ("done", None)]
+    assert asyncio.run(run(0.2, 0.5)) == [("chunk", "a"), ("chunk", "bc"), ("chunk", "d"), ("done", None)]
+    assert asyncio.run(run(10.0, 0.0)) == [("chunk", "a"), ("chunk", "bcd"), ("done", None)]
+    assert asyncio.run(run(math.inf, 0.0)) == [("chunk", "abcd"), ("done", None)]
