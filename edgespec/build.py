@@ -39,6 +39,7 @@ class LoadOptions:
     adapt: bool | str = "auto"  # online adaptation of a ReDrafter head (auto: where torch is installed)
     memory_budget: int | str | None = None  # bytes or "1.5GB": plan context/KV/batch/drafter to fit it
     exact: bool = False  # verify batches only as large as stay bit-identical to plain decoding
+    huge_pages: bool | None = None  # llama.cpp buffers in huge pages (None: on unless EDGESPEC_HUGE_PAGES=0)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -60,6 +61,8 @@ class LoadOptions:
             raise ValueError(f"adapt must be True, False or 'auto', not {self.adapt!r}")
         if self.memory_budget is not None:
             parse_size(self.memory_budget)
+        if self.huge_pages is not None and not isinstance(self.huge_pages, bool):
+            raise ValueError(f"huge_pages must be True, False or None, not {self.huge_pages!r}")
 
 
 def _positive(name: str, value, least: int) -> None:
@@ -98,7 +101,7 @@ def open_backend(path: Path, opts: LoadOptions) -> Backend:
     # llama.cpp clamps its batch to the requested context (and may round the context up): a larger batch
     # on the Python side would hand it more tokens than it accepts, an assertion that aborts the process
     return LlamaCppBackend(path, n_ctx=opts.n_ctx, n_threads=opts.n_threads, kv_type=opts.kv_type,
-                           n_batch=min(opts.n_batch, opts.n_ctx))
+                           n_batch=min(opts.n_batch, opts.n_ctx), huge_pages=opts.huge_pages)
 
 
 def check(model: str, opts: LoadOptions) -> drafters.DraftSpec:

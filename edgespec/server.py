@@ -790,7 +790,7 @@ def main(a) -> int:
 
     opts = LoadOptions(n_ctx=a.n_ctx, n_threads=a.threads, kv_type=a.kv_type, backend=a.backend, draft=a.draft,
                        draft_depth=a.draft_depth, draft_width=a.draft_width, memory_budget=a.memory_budget,
-                       adapt="auto" if a.adapt is None else a.adapt, exact=a.exact)
+                       adapt="auto" if a.adapt is None else a.adapt, exact=a.exact, huge_pages=a.huge_pages)
     check(a.model, opts)
     if a.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, not {a.max_queue}")

@@ -11,7 +11,7 @@ BIN="$DIR/build/bin/llama-bench"
 if [ ! -x "$BIN" ] || [ "$(cat "$DIR/.args" 2>/dev/null)" != "$ARGS" ]; then
   mkdir -p "$DIR"
   [ -f "$DIR/llama_cpp_python-$LLAMA_VERSION.tar.gz" ] || \
-    .venv/bin/python -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_VERSION" -d "$DIR" >&2
+    .venv/bin/python -m pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_VERSION" -d "$DIR" >&2
   [ -d "$DIR/llama_cpp_python-$LLAMA_VERSION" ] || tar xzf "$DIR/llama_cpp_python-$LLAMA_VERSION.tar.gz" -C "$DIR"
   # shellcheck disable=SC2086
   cmake -S "$DIR/llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp" -B "$DIR/build" $ARGS -DCMAKE_BUILD_TYPE=Release \

@@ -156,3 +156,32 @@ def test_memory_figures(qwen):
     assert m.kv_bytes_per_token == 24 * 2 * 64 * 2 * 2
     assert 300e6 < m.weights_bytes < 520e6
     assert qwen.info.n_layer == 24 and qwen.info.n_embd == 896 and qwen.info.n_vocab == 151936
+
+
+def test_huge_pages_hold_the_weights_and_change_no_logits(smol_path, monkeypatch):
+    """Huge pages are a page-size change only: the backend's outputs stay bit-identical, and where the kernel
+    can collapse pages (Linux with THP not ``never``) the weights end up in them."""
+    from conftest import make_backend
+    from edgespec.backends import hugepages
+
+    small = make_backend(smol_path, huge_pages=False)
+    huge = make_backend(smol_path, huge_pages=True)
+    try:
+        assert small.huge_pages is None
+        if hugepages.enabled(True):
+            assert huge.huge_pages is not None and huge.huge_pages.bytes >= 64 << 20, huge.huge_pages
+            assert hugepages.anon_huge_bytes() >= huge.huge_pages.bytes
+        else:
+            assert huge.huge_pages is None
+        for b in (small, huge):
+            b.truncate(0)
+        toks = small.tokenize("def fibonacci(n):\n    ", add_special=True)
+        outs = [b.prefill(toks).logits[-1] for b in (small, huge)]
+        assert np.array_equal(outs[0], outs[1])
+        rows = [b.forward([toks[-1], 42, 7], [-1, 0, 1], want_hidden=False).logits for b in (small, huge)]
+        assert np.array_equal(rows[0], rows[1])
+    finally:
+        small.close()
+        huge.close()
+    monkeypatch.setenv("EDGESPEC_HUGE_PAGES", "0")
+    assert not hugepages.enabled(None) and not hugepages.enabled(False)
