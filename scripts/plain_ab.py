@@ -25,6 +25,8 @@ VARIANTS = {
     "hidden off": ({}, False),
     "hidden off, 1 seq": ({"n_seq_max": 1, "kv_unified": False}, False),
     "hidden off, mmap": ({"mmap": True}, False),
+    # last: a 4 KiB-page context made after the huge-page ones cannot share (merge into) their mappings
+    "hidden off, 4 KiB pages": ({"huge_pages": False}, False),
 }
 
 
