@@ -49,8 +49,19 @@ def simd_flags() -> list[str]:
     return [f for f in SIMD if f in flags]
 
 
+def thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode (``always``, ``madvise``, ``never``), None off Linux."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")] if "[" in text and "]" in text else None
+
+
 def describe() -> dict:
-    return {"cpu": cpu_name(), "simd": simd_flags(), "cores": os.cpu_count(), "machine": platform.machine()}
+    return {"cpu": cpu_name(), "simd": simd_flags(), "cores": os.cpu_count(), "machine": platform.machine(),
+            "thp": thp_mode()}
 
 
 def cost_table(backend, prefix: int = 500, reps: int = 5,

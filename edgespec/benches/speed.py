@@ -198,9 +198,10 @@ def write_report(out_dir: Path, meta: dict, summary: dict, checks: dict, per_pro
         {"meta": meta, "summary": summary, "checks": checks, "per_prompt": per_prompt}, indent=1))
     lines = [f"Model `{meta['model']}`, prompts `{meta['prompts']}` (n={meta['n']}), {meta['max_tokens']} new tokens, "
              f"greedy, {meta['threads']} threads. Command: `{meta['command']}`", "",
-             f"Machine: {meta['cpu']} ({meta['cores']} cores; {' '.join(meta['simd'])}). Verify cost c(n) in single "
-             f"steps, measured in this run: {machine.cost_line(meta['verify_cost'])}. Acceptance per depth a free "
-             f"drafter needs on this table to break even: {machine.break_even_line(meta['verify_cost'], 1.0)}; "
+             f"Machine: {meta['cpu']} ({meta['cores']} cores; {' '.join(meta['simd'])}; transparent huge pages "
+             f"{meta.get('thp')}, {meta.get('huge_page_mib', 0)} MiB of the target in them). Verify cost c(n) in "
+             f"single steps, measured in this run: {machine.cost_line(meta['verify_cost'])}. Acceptance per depth a "
+             f"free drafter needs on this table to break even: {machine.break_even_line(meta['verify_cost'], 1.0)}; "
              f"for 1.15x: {machine.break_even_line(meta['verify_cost'], 1.15)} (- : not even at 100%).", "",
              "| method | tok/s median [p25-p75] | speedup vs plain: median [p25-p75] (min-max) | tokens/verify | "
              "acceptance per depth | greedy == plain |",
@@ -250,6 +251,12 @@ def llama_bench(binary: str, model_path: Path, threads: int, n: int) -> str:
     return ", ".join(f"{row['avg_ts']:.2f} ± {row['stddev_ts']:.2f} tok/s" for row in rows)
 
 
+def huge_page_mib(backend) -> int:
+    """MiB of the target's buffers in huge pages (0: off, or not llama.cpp on Linux)."""
+    collapsed = getattr(backend, "huge_pages", None)
+    return collapsed.bytes >> 20 if collapsed is not None else 0
+
+
 def main(args) -> int:
     methods = [parse_method(s.strip()) for s in args.methods.split(",") if s.strip()]
     if not methods or methods[0].kind != "plain":
@@ -258,7 +265,7 @@ def main(args) -> int:
     meta = {"model": args.model, "prompts": args.prompts, "n": args.n, "max_tokens": args.max_tokens,
             "threads": args.threads, "command": "edgespec " + " ".join(sys.argv[1:]),
             **machine.describe(), "date": time.strftime("%Y-%m-%d %H:%M"),
-            "verify_cost": machine.cost_table(bench.target)}
+            "verify_cost": machine.cost_table(bench.target), "huge_page_mib": huge_page_mib(bench.target)}
     if args.llama_bench:
         meta["llama_bench"] = llama_bench(args.llama_bench, bench.path, args.threads, args.max_tokens)
     prompts = load_prompts(args.prompts, args.n, bench.target)
