@@ -1,8 +1,14 @@
 """Shared fixtures: the real small models (pulled on first use) and their backends."""
 
+import os
+
 import pytest
 
 from edgespec import registry
+
+# Huge pages cost 0.35-2.5 s per model load (tests load models, and start servers, many times) and change no
+# output; test_backend checks that with them switched on explicitly. Subprocesses inherit this.
+os.environ.setdefault("EDGESPEC_HUGE_PAGES", "0")
 
 SMALL = "smollm2-135m"
 QWEN = "qwen2.5-coder-0.5b"
