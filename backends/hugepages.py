@@ -33,17 +33,21 @@ class Collapsed:
     seconds: float = 0.0
 
 
+def thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode (``always``, ``madvise``, ``never``), None off Linux."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")] if "[" in text and "]" in text else None
+
+
 def enabled(flag: bool | None = None) -> bool:
     """``flag`` if given, else on unless ``EDGESPEC_HUGE_PAGES=0``; only on Linux with THP not ``never``."""
     if flag is None:
         flag = os.environ.get("EDGESPEC_HUGE_PAGES", "1") != "0"
-    if not flag or not sys.platform.startswith("linux"):
-        return False
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return "[never]" not in f.read()
-    except OSError:
-        return False
+    return bool(flag) and sys.platform.startswith("linux") and thp_mode() not in (None, "never")
 
 
 def snapshot(min_bytes: int = MIN_BYTES) -> set[Region]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 
+from edgespec.backends import hugepages
 from edgespec.controller import CALIBRATION_SIZES, calibrate
 
 SIMD = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
@@ -49,19 +50,9 @@ def simd_flags() -> list[str]:
     return [f for f in SIMD if f in flags]
 
 
-def thp_mode() -> str | None:
-    """The kernel's transparent-huge-page mode (``always``, ``madvise``, ``never``), None off Linux."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            text = f.read()
-    except OSError:
-        return None
-    return text[text.index("[") + 1:text.index("]")] if "[" in text and "]" in text else None
-
-
 def describe() -> dict:
     return {"cpu": cpu_name(), "simd": simd_flags(), "cores": os.cpu_count(), "machine": platform.machine(),
-            "thp": thp_mode()}
+            "thp": hugepages.thp_mode()}
 
 
 def cost_table(backend, prefix: int = 500, reps: int = 5,
