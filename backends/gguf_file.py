@@ -31,8 +31,11 @@ def in_child(func: str, *args: str):
 def _tensor_locations(path: str, *names: str) -> dict:
     from gguf import GGUFReader
 
+    wanted = set(names) | ({"token_embd.weight"} if "output.weight" in names else set())
     out = {t.name: {"offset": int(t.data_offset), "type": int(t.tensor_type), "shape": [int(x) for x in t.shape],
-                    "n_bytes": int(t.n_bytes)} for t in GGUFReader(path).tensors if t.name in names}
+                    "n_bytes": int(t.n_bytes)} for t in GGUFReader(path).tensors if t.name in wanted}
+    if "output.weight" in names and "output.weight" not in out and "token_embd.weight" in out:
+        out["output.weight"] = out["token_embd.weight"]  # tied embeddings: the output head is the input table
     missing = set(names) - set(out)
     if missing:
         raise KeyError(f"no tensor {sorted(missing)} in {path}")

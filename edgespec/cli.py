@@ -287,14 +287,23 @@ def cmd_train_drafter(a: argparse.Namespace) -> int:
         n = sum(collect.shard_positions(p) for p in shards)
         print(f"{len(shards)} shards, {n} positions in {out_dir}")
         return 0
-    if a.positions or a.data_dir:
-        raise ValueError("--positions and --data-dir describe the v2 collection, which is collected with "
-                         "--collect-only (training on it is not wired yet)")
-    from edgespec.models.train_redrafter import TrainConfig, pipeline
+    from edgespec.models.train_redrafter import TrainConfig, pipeline, train_collected
 
-    tc = TrainConfig(steps=a.steps, batch=a.batch, n_draft=a.draft_vocab, depth=a.depth)
+    tc = TrainConfig(steps=a.steps, batch=a.batch, n_draft=a.draft_vocab, depth=a.depth, depth_weight=a.depth_weight,
+                     d_rnn=a.d_rnn, n_blocks=a.blocks, lr=a.lr, threads=a.threads, time_budget_s=a.time_budget)
     out = Path(a.out) if a.out else registry.cache_dir() / "drafters" / f"redrafter-{a.target}.npz"
-    tr = pipeline(a.target, out, tc, segments=a.segments, self_distill=a.self_distill, threads=a.threads)
+    if a.train_only:
+        from edgespec.models import collect
+
+        data_dir = Path(a.data_dir) if a.data_dir else collect.default_dir(a.target)
+        if not list(data_dir.glob("shard_*.npz")):
+            raise ValueError(f"no collected shards in {data_dir}: collect them first with --collect-only")
+        tr = train_collected(a.target, data_dir, out, tc)
+    else:
+        if a.positions or a.data_dir:
+            raise ValueError("--positions and --data-dir describe the v2 collection: collect it with "
+                             "--collect-only, then train on it with --train-only")
+        tr = pipeline(a.target, out, tc, segments=a.segments, self_distill=a.self_distill, threads=a.threads)
     last = next((r["held_out"] for r in reversed(tr.history) if "held_out" in r), {})
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB), model card {out.with_suffix('.md')}")
     print(f"held-out greedy chain acceptance per depth: {[round(x, 3) for x in last.get('chain_accept', [])]}")
@@ -387,6 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--depth", type=int, default=4, help="draft depths trained")
     p.add_argument("--draft-vocab", type=int, default=16384, help="draft vocabulary size")
+    p.add_argument("--depth-weight", type=float, default=1.0,
+                   help="loss weight of depth j is DEPTH_WEIGHT ** (j - 1) (default 1: every depth alike)")
+    p.add_argument("--d-rnn", type=int, default=256, help="the head's RNN state size")
+    p.add_argument("--blocks", type=int, default=1, help="the head's residual blocks")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="fit the training steps into this many seconds (measured on the first steps)")
+    p.add_argument("--train-only", action="store_true",
+                   help="train on the v2 collection in --data-dir (made with --collect-only), collecting nothing")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="weights file (default: the user's drafter directory)")
     p.add_argument("--collect-only", action="store_true",

@@ -4,10 +4,12 @@ Why torch: MLX's Linux CPU build multiplies matrices without a fast BLAS (one Ad
 took 45-49 s, notes §2); torch's CPU build does the same step in well under a second here. The model
 itself is ``redrafter.step``, shared with the numpy and MLX inference paths.
 
-Data (``distill.py`` shards): at position t the head sees the target's hidden h_t and the tokens
-x_{t+1..t+L}; at depth j it predicts the target's distribution at position t+j. Loss: forward KL to
-the target's top-k distribution restricted to the draft vocabulary (distillation). Reported too: the
-hard cross-entropy against the text's next token, and per-depth agreement with the target's argmax.
+Data (``distill.py`` v1 shards or ``collect.py`` v2 shards): at position t the head sees the target's hidden
+h_t and the tokens x_{t+1..t+L}; at depth j it predicts the target's distribution at position t+j. Loss: forward
+KL to the target's top-k distribution restricted to the draft vocabulary (distillation), each row weighted by
+its segment's weight (v2: the target's own answers 1.0, teacher-forced text and prompts less) and depth j by
+``depth_weight ** (j - 1)`` (a miss at depth 1 ends the chain, so the first depths matter most). Reported too:
+the hard cross-entropy against the text's next token, and per-depth agreement with the target's argmax.
 Checkpoints every ``ckpt_every`` steps; a run resumes from the last one.
 """
 
@@ -37,6 +39,7 @@ class TrainConfig:
     batch: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.01
+    depth_weight: float = 1.0  # loss weight of depth j: depth_weight ** (j - 1)
     ckpt_every: int = 100
     eval_every: int = 200
     held_out: int = 2  # last shards kept for evaluation
@@ -51,12 +54,17 @@ class Data:
     hidden: np.ndarray  # [N, T, d] float16
     top_ids: np.ndarray  # [N, T, k] int32
     top_logp: np.ndarray  # [N, T, k] float16
+    weight: np.ndarray | None = None  # [N] per-segment loss weight (None: all 1)
+    source: np.ndarray | None = None  # [N] v2 source kind (``collect.SOURCES``; -1: a v1 shard)
 
     @classmethod
     def load(cls, paths: list[Path]) -> Data:
-        from edgespec.models.distill import load_shards
+        from edgespec.models.distill import DATA_KEYS, load_shards
 
-        return cls(**load_shards(paths))
+        return cls(**load_shards(paths, DATA_KEYS + ("weight", "source")))
+
+    def weights(self, seg: np.ndarray) -> np.ndarray:
+        return np.ones(len(seg), np.float32) if self.weight is None else self.weight[seg].astype(np.float32)
 
     def positions(self, depth: int) -> np.ndarray:
         """(segment, t) pairs whose tokens t+1 .. t+depth+1 exist."""
@@ -173,6 +181,8 @@ class Trainer:
         h = redrafter.hidden_part(p, torch.from_numpy(data.hidden[seg, t].astype(np.float32) * self.cfg.h_scale))
         s = torch.zeros(len(pos), self.cfg.d_rnn)
         kl, ce, agree = [], [], []
+        w = torch.from_numpy(data.weights(seg))
+        w = w / w.sum()
         for j in range(1, self.tc.depth + 1):
             x_in = data.tokens[seg, t + j]
             e_proj = self.emb[self.row_of[x_in]] @ p["w_e"]
@@ -180,7 +190,7 @@ class Trainer:
             logits = x @ self.head.T + p["bias"]
             logq = torch.log_softmax(logits, dim=-1)
             ids = self.draft_of[data.top_ids[seg, t + j]]  # [B, k] draft ids, -1 = outside
-            kl.append(distill_kl(torch, logq, ids, data.top_logp[seg, t + j]).mean())
+            kl.append((w * distill_kl(torch, logq, ids, data.top_logp[seg, t + j])).sum())
             nxt = self.draft_of[data.tokens[seg, t + j + 1]]
             ok = nxt >= 0
             ce.append(-logq[torch.from_numpy(np.flatnonzero(ok)), torch.from_numpy(nxt[ok])].mean())
@@ -199,7 +209,8 @@ class Trainer:
                 bar.total = steps
             idx = self.rng.integers(0, len(self.pos), self.tc.batch)
             out = self.batch_losses(self.data, self.pos[idx])
-            loss = sum(out["kl"]) / len(out["kl"])
+            dw = [self.tc.depth_weight ** j for j in range(len(out["kl"]))]
+            loss = sum(k * x for k, x in zip(out["kl"], dw, strict=True)) / sum(dw)
             self.opt.zero_grad()
             loss.backward()
             self.torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
@@ -228,14 +239,32 @@ class Trainer:
             seg, t = pos[:, 0], pos[:, 1]
             greedy = self.held.tokens[seg, t + 1] == self.held.top_ids[seg, t, 0]  # the root is greedy
             hit = np.ones(len(pos), bool)
-            chain = []
+            kinds = self._kinds(seg)
+            chain: list[float] = []
+            by_kind: dict[str, list[float]] = {k: [] for k in sorted(set(kinds))}
             for j in range(1, self.tc.depth + 1):
                 if j > 1:  # draft inputs x_{t+1..t+j} all on the target's greedy path
                     greedy &= self.held.tokens[seg, t + j] == self.held.top_ids[seg, t + j - 1, 0]
                 hit &= self._agree_mask(pos, j)
                 chain.append(float(hit[greedy].mean()) if greedy.any() else 0.0)
-        return {"kl": float(sum(out["kl"]) / len(out["kl"])), "ce": float(sum(out["ce"]) / len(out["ce"])),
-                "agree": out["agree"], "chain_accept": chain}
+                for k, acc in by_kind.items():
+                    m = greedy & (kinds == k)
+                    acc.append(float(hit[m].mean()) if m.any() else 0.0)
+        out = {"kl": float(sum(out["kl"]) / len(out["kl"])), "ce": float(sum(out["ce"]) / len(out["ce"])),
+               "agree": out["agree"], "chain_accept": chain}
+        if len(by_kind) > 1:
+            out["chain_accept_by_kind"] = by_kind
+        return out
+
+    def _kinds(self, seg: np.ndarray) -> np.ndarray:
+        """Each position's kind of text: "answer" (the target's own), "text" (teacher-forced code and docs),
+        "prompt", or "v1" (a v1 shard)."""
+        from edgespec.models.collect import SOURCES, TEXT_KINDS
+
+        if self.held.source is None:
+            return np.array(["v1"] * len(seg))
+        names = np.array([SOURCES[k] if k >= 0 else "v1" for k in self.held.source[seg]])
+        return np.where(np.isin(names, TEXT_KINDS), "text", np.where(np.isin(names, ["prompt", "v1"]), names, "answer"))
 
     def _agree_mask(self, pos: np.ndarray, depth: int) -> np.ndarray:
         torch = self.torch
@@ -283,14 +312,18 @@ def write_card(path: Path, trainer: Trainer, meta: dict) -> None:
             f"{sum(v.numel() for v in trainer.params.values()) / 1e6:.2f}M",
             f"- Config: `{json.dumps(asdict(trainer.cfg))}`",
             f"- Training: `{json.dumps(asdict(trainer.tc))}`",
+            f"- Data: {meta['data']}" if "data" in meta else
             f"- Data: {meta.get('segments')} segments x {meta.get('seg_len')} tokens "
             f"({meta.get('tokens')} positions; {meta.get('self_segments', 0)} of them the target's own greedy answers);"
             " sources: Python standard library and installed packages' sources (HumanEval excluded)",
-            f"- Steps: {trainer.step_n}, batch {trainer.tc.batch}; wall time {meta.get('train_s', 0):.0f} s",
+            f"- Steps: {trainer.step_n}, batch {trainer.tc.batch}; wall time {meta.get('train_s', 0):.0f} s"
+            + (f" on {meta['machine']}" if "machine" in meta else ""),
             f"- Final train KL {h[-1]['kl']:.3f}, CE {h[-1]['ce']:.3f}" if h else "- not trained",
             f"- Held-out: KL {last.get('kl', float('nan')):.3f}, CE {last.get('ce', float('nan')):.3f}",
             f"- Held-out argmax agreement per depth: {[round(a, 3) for a in last.get('agree', [])]}",
             f"- Held-out greedy chain acceptance per depth: {[round(a, 3) for a in last.get('chain_accept', [])]}",
+            *[f"  - {kind}: {[round(a, 3) for a in acc]}"
+              for kind, acc in last.get("chain_accept_by_kind", {}).items()],
             "", f"![loss]({path.with_suffix('.loss.png').name})", ""]
     path.with_suffix(".md").write_text("\n".join(card))
 
@@ -330,3 +363,25 @@ def pipeline(target: str, out: Path, tc: TrainConfig, segments: int = 320, self_
         backend.close()
     meta = {"segments": segments + self_distill, "seg_len": cc.seg_len, "self_segments": self_distill}
     return run(registry.model_key(target), gguf, shards, out, tc, meta)
+
+
+def train_collected(target: str, data_dir: Path, out: Path, tc: TrainConfig) -> Trainer:
+    """``edgespec train-drafter --train-only``: train on every complete shard of a v2 collection
+    (``collect.py``) in ``data_dir`` (the first and the last shard held out) and export to ``out``."""
+    from edgespec.models import collect
+
+    from edgespec import machine, registry
+
+    shards = sorted(data_dir.glob("shard_*.npz"))
+    comp: dict[str, int] = {}
+    for p in shards:
+        for kind, n in collect.composition(p).items():
+            comp[kind] = comp.get(kind, 0) + n
+    total = sum(comp.values())
+    meta = {"data": f"{total} positions in {len(shards)} v2 shards of `{data_dir.name}` ("
+                    + ", ".join(f"{k} {v}" for k, v in sorted(comp.items())) + "): the target's greedy answers to "
+                    "instructions built from the Python standard library and installed packages, their prompts, "
+                    "and teacher-forced source and documentation windows (no benchmark prompt; `corpus.py`)",
+            "machine": f"{machine.cpu_name()}, {tc.threads or min(4, os.cpu_count() or 1)} torch threads"}
+    return run(registry.model_key(target), registry.resolve(target), shards, out, tc, meta)
+

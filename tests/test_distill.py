@@ -119,6 +119,44 @@ def test_shards_load_for_training(runs):
     assert seg["source"].shape == (n,) and seg["weight"].shape == (n,)
 
 
+def test_training_on_v2_shards_lowers_the_weighted_loss(runs, smol_path, tmp_path):
+    from edgespec.models.train_redrafter import TrainConfig, Trainer
+
+    tc = TrainConfig(depth=2, n_draft=256, d_rnn=16, rank=16, shortlist=8, steps=30, batch=32, lr=3e-3, ckpt_every=100,
+                     eval_every=1000, depth_weight=0.5, threads=1)
+    train, held = Data.load(runs["whole"][1:]), Data.load(runs["whole"][:1])
+    assert train.weight is not None and set(np.unique(train.weight)) <= {1.0, TINY.tf_weight, TINY.prompt_weight}
+    tr = Trainer(train, held, smol_path, "smol", tmp_path, tc)
+    fixed = tr.pos[np.random.default_rng(0).permutation(len(tr.pos))[:64]]
+    with tr.torch.no_grad():
+        before = float(sum(tr.batch_losses(tr.data, fixed)["kl"]))
+        # each row's KL counts by its segment's weight: the mixed batch's loss is the weighted mean of the
+        # unweighted losses of its teacher-forced rows and its answer rows
+        w = train.weight[fixed[:, 0]]
+        a, b = fixed[w == 1.0], fixed[w == TINY.tf_weight]
+        assert len(a) and len(b)
+        ones = Data(train.tokens, train.hidden, train.top_ids, train.top_logp)
+        la, lb = (float(sum(tr.batch_losses(ones, x)["kl"])) for x in (a, b))
+        mixed = float(sum(tr.batch_losses(train, np.concatenate([a, b]))["kl"]))
+        wb = TINY.tf_weight * len(b)
+        assert np.isclose(mixed, (len(a) * la + wb * lb) / (len(a) + wb), rtol=1e-4)
+        assert not np.isclose(mixed, (len(a) * la + len(b) * lb) / (len(a) + len(b)), rtol=1e-4)
+    tr.train(progress=False)
+    with tr.torch.no_grad():
+        after = float(sum(tr.batch_losses(tr.data, fixed)["kl"]))
+    assert after < 0.8 * before
+    ev = tr.evaluate(256)
+    assert len(ev["chain_accept"]) == 2 and set(ev["chain_accept_by_kind"]) <= {"answer", "text", "prompt"}
+    assert len(ev["chain_accept_by_kind"]) >= 2
+
+
+def test_cli_train_only_needs_collected_shards(tmp_path, capsys):
+    from edgespec import cli
+
+    assert cli.main(["train-drafter", "--target", "x", "--train-only", "--data-dir", str(tmp_path)]) == 2
+    assert "--collect-only" in capsys.readouterr().err
+
+
 def test_resume_refuses_another_config(runs, smol_path, tmp_path):
     shutil.copy(runs["a"] / "plan.json.gz", tmp_path / "plan.json.gz")
     be = col.open_backend(smol_path, TINY, threads=1)
