@@ -281,9 +281,14 @@ def cmd_train_drafter(a: argparse.Namespace) -> int:
     if a.collect_only:
         from edgespec.models import collect
 
-        out_dir = Path(a.data_dir) if a.data_dir else collect.default_dir(a.target)
+        if a.data_dir and len(a.data_dir) > 1:
+            raise ValueError("--collect-only writes one collection: give one --data-dir")
+        out_dir = Path(a.data_dir[0]) if a.data_dir else collect.default_dir(a.target)
         positions = a.positions or 2_000_000
-        shards = collect.run(a.target, positions, threads=a.threads, out_dir=out_dir)
+        cfg = collect.CollectConfig(**{k: v for k, v in (("prompts_per_shard", a.instructions_per_shard),
+                                                         ("texts_per_shard", a.texts_per_shard), ("rows", a.rows),
+                                                         ("seed", a.seed)) if v is not None})
+        shards = collect.run(a.target, positions, threads=a.threads, out_dir=out_dir, cfg=cfg)
         n = sum(collect.shard_positions(p) for p in shards)
         print(f"{len(shards)} shards, {n} positions in {out_dir}")
         return 0
@@ -295,10 +300,11 @@ def cmd_train_drafter(a: argparse.Namespace) -> int:
     if a.train_only:
         from edgespec.models import collect
 
-        data_dir = Path(a.data_dir) if a.data_dir else collect.default_dir(a.target)
-        if not list(data_dir.glob("shard_*.npz")):
-            raise ValueError(f"no collected shards in {data_dir}: collect them first with --collect-only")
-        tr = train_collected(a.target, data_dir, out, tc)
+        data_dirs = [Path(d) for d in a.data_dir] if a.data_dir else [collect.default_dir(a.target)]
+        for d in data_dirs:
+            if not list(d.glob("shard_*.npz")):
+                raise ValueError(f"no collected shards in {d}: collect them first with --collect-only")
+        tr = train_collected(a.target, data_dirs, out, tc)
     else:
         if a.positions or a.data_dir:
             raise ValueError("--positions and --data-dir describe the v2 collection: collect it with "
@@ -411,8 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only collect the v2 distillation data (resumable: run it again to continue)")
     p.add_argument("--positions", type=int, default=None,
                    help="positions to collect with --collect-only (default 2000000)")
-    p.add_argument("--data-dir", default=None,
-                   help="collection directory (default ~/.cache/edgespec/distill/<target>-v2)")
+    p.add_argument("--instructions-per-shard", type=int, default=None,
+                   help="with --collect-only: instructions the target answers per shard (default 32; 0: only "
+                        "teacher-forced text)")
+    p.add_argument("--texts-per-shard", type=int, default=None,
+                   help="with --collect-only: teacher-forced windows per shard (default 16)")
+    p.add_argument("--rows", type=int, default=None, help="with --collect-only: rows per decode (default 64)")
+    p.add_argument("--seed", type=int, default=None, help="with --collect-only: the material's order (default 0)")
+    p.add_argument("--data-dir", default=None, action="append",
+                   help="collection directory (default ~/.cache/edgespec/distill/<target>-v2); with --train-only "
+                        "it may be repeated to train on several collections")
     p.set_defaults(func=cmd_train_drafter)
 
     p = sub.add_parser("drafter", help="manage the online-adapted drafter state")

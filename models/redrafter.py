@@ -208,8 +208,11 @@ class ReDrafter:
     max_depth = 4  # beam length L (the depths it was trained for)
     default_width = 1  # beams w: on a CPU every extra verify node costs ~0.6 of a plain step
 
-    def __init__(self, weights: Path, target_gguf: Path, xp=np):
+    def __init__(self, weights: Path, target_gguf: Path, xp=np, self_gating: bool | None = None):
         from edgespec.backends.gguf_file import tensor_rows
+
+        if self_gating is not None:  # gate each draft by its calibrated path probabilities (``TreeShape.keep``)
+            self.self_gating = self_gating
 
         self.cfg, vocab, params = load(weights)
         self.xp = xp
@@ -302,10 +305,14 @@ class ReDrafter:
                     prob = min(prob, cands[key[:-1]])
                 cands[key] = max(cands.get(key, 0.0), prob)
         kept: list[tuple[int, ...]] = []
-        for key, prob in sorted(cands.items(), key=lambda kv: (-kv[1], len(kv[0]))):
-            if not shape.worth(prob, len(kept)):
-                break
-            kept.append(key)
+        if shape.node_cost and len(toks) == 1:  # a priced chain: its prefix with the largest expected gain
+            chain = [tuple(toks[0][:d + 1].tolist()) for d in range(toks.shape[1])]
+            kept = chain[:shape.keep([cands[k] for k in chain])]
+        else:
+            for key, prob in sorted(cands.items(), key=lambda kv: (-kv[1], len(kv[0]))):
+                if not shape.worth(prob, len(kept)):
+                    break
+                kept.append(key)
         tree, _ = pack_beams([list(k) for k in kept])
         self._last = (tree, [cands[k] for k in _node_keys(tree)])
         return tree

@@ -5,6 +5,7 @@ each prompt), greedy, with EOS honoured, and each variant's tok/s is the median 
 with the ratio to llama-cpp-python's loop measured in the same rounds.
 
     .venv/bin/python scripts/plain_ab.py --model qwen2.5-coder-1.5b --n 10 --max-tokens 128
+    .venv/bin/python scripts/plain_ab.py --prompts chat --variants "hidden off;hidden off, 1 seq"
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def run_llama(llm, prompt: list[int], max_tokens: int, eog) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-coder-1.5b")
+    ap.add_argument("--prompts", default="humaneval", help="humaneval, chat or adversarial")
+    ap.add_argument("--variants", default=None, help="variant names separated by ; (default: all)")
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
@@ -65,12 +68,17 @@ def main() -> None:
     from llama_cpp import Llama
 
     path = registry.resolve(a.model)
-    backends = {k: LlamaCppBackend(path, n_ctx=2048, n_threads=a.threads, **kw) for k, (kw, _) in VARIANTS.items()}
+    wanted = [v.strip() for v in a.variants.split(";")] if a.variants else list(VARIANTS)
+    unknown = set(wanted) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
+    variants = {k: VARIANTS[k] for k in VARIANTS if k in wanted}  # in VARIANTS' order (4 KiB pages last)
+    backends = {k: LlamaCppBackend(path, n_ctx=2048, n_threads=a.threads, **kw) for k, (kw, _) in variants.items()}
     llm = Llama(model_path=str(path), n_ctx=2048, n_threads=a.threads, n_threads_batch=a.threads, flash_attn=True,
                 verbose=False)
     first = next(iter(backends.values()))
-    prompts = load_prompts("humaneval", a.n, first)
-    names = list(VARIANTS) + ["llama-python"]
+    prompts = load_prompts(a.prompts, a.n, first)
+    names = list(variants) + ["llama-python"]
     rates: dict[str, list[float]] = {k: [] for k in names}
     for i, p in enumerate(prompts):
         order = names[i % len(names):] + names[:i % len(names)]
@@ -78,7 +86,7 @@ def main() -> None:
             if k == "llama-python":
                 rates[k].append(run_llama(llm, p, a.max_tokens, first.info.eog))
             else:
-                rates[k].append(run_backend(backends[k], p, a.max_tokens, VARIANTS[k][1]))
+                rates[k].append(run_backend(backends[k], p, a.max_tokens, variants[k][1]))
     base = np.array(rates["llama-python"])
     report = {}
     for k in names:

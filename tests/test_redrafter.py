@@ -78,6 +78,19 @@ def test_beams_pack_into_a_deduplicated_gated_tree(tiny_drafter, qwen_path):
     assert len(rd.propose(ctx, TreeShape(3, 4, 2))) == 2  # max_nodes
 
 
+def test_self_gating_chain_keeps_the_prefix_with_the_largest_expected_gain(tiny_drafter, qwen_path):
+    rd = ReDrafter(tiny_drafter["path"], qwen_path, self_gating=True)
+    assert rd.self_gating and not ReDrafter.self_gating  # opt-in, per drafter
+    ctx = DraftContext([], 1, np.zeros(rd.cfg.n_embd, np.float32), None)
+    rd.beams = lambda h, root, w, L, floor=0.0: (np.array([[5, 6, 7]]), np.log(np.array([[0.45, 0.4, 0.35]])))
+    # a dear first row (a 2-row verify) and cheap later ones (4 rows cost little more than 2): the whole chain
+    # pays (0.45 + 0.4 + 0.35 > 0.5 + 0.1 + 0.0) though its first node alone does not
+    tree = rd.propose(ctx, TreeShape(3, 1, 16, node_cost=(0.5, 0.1, 0.0, 0.6)))
+    assert tree.tokens == [5, 6, 7] and tree.parents == [-1, 0, 1]
+    tree = rd.propose(ctx, TreeShape(3, 1, 16, node_cost=(0.9, 0.5, 0.5)))  # nothing pays: plain decoding
+    assert len(tree) == 0
+
+
 def _generate(backend, prompt, drafter=None, n=48):
     backend.truncate(0)
     stats, out = Stats(), []
