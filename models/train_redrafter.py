@@ -58,12 +58,17 @@ class Data:
     top_logp: np.ndarray  # [N, T, k] float16
     weight: np.ndarray | None = None  # [N] per-segment loss weight (None: all 1)
     source: np.ndarray | None = None  # [N] v2 source kind (``collect.SOURCES``; -1: a v1 shard)
+    item: np.ndarray | None = None  # [N] v2 item within its shard (-1: a v1 shard)
 
     @classmethod
     def load(cls, paths: list[Path]) -> Data:
         from edgespec.models.distill import DATA_KEYS, load_shards
 
-        return cls(**load_shards(paths, DATA_KEYS + ("weight", "source")))
+        return cls(**load_shards(paths, DATA_KEYS + ("weight", "source", "item")))
+
+    def subset(self, segments: np.ndarray) -> Data:
+        """The segments selected by a boolean mask (or index array)."""
+        return Data(**{k: None if v is None else v[segments] for k, v in self.__dict__.items()})
 
     def weights(self, seg: np.ndarray) -> np.ndarray:
         return np.ones(len(seg), np.float32) if self.weight is None else self.weight[seg].astype(np.float32)
@@ -340,13 +345,18 @@ def write_card(path: Path, trainer: Trainer, meta: dict) -> None:
 
 
 def run(target: str, target_gguf: Path, shards: list[Path], out: Path, tc: TrainConfig, meta: dict) -> Trainer:
+    """v1 data: hold out whole shards (the first, corpus text, and from two on the last, the target's answers)."""
     if len(shards) <= tc.held_out:
         raise ValueError(f"need more than {tc.held_out} shards of data, have {len(shards)}")
-    # held out: the first shards (corpus text) and, from two on, the last (the target's own answers)
     k = tc.held_out
     held_idx = set(range(k // 2 + k % 2)) | set(range(len(shards) - k // 2, len(shards)))
     train = Data.load([p for i, p in enumerate(shards) if i not in held_idx])
     held = Data.load([shards[i] for i in sorted(held_idx)])
+    return fit(target, target_gguf, train, held, out, tc, meta)
+
+
+def fit(target: str, target_gguf: Path, train: Data, held: Data, out: Path, tc: TrainConfig, meta: dict) -> Trainer:
+    """Train (resuming from the work folder beside ``out``), export the weights and write the model card."""
     work = out.parent / f".{out.stem}.work"
     t0 = time.perf_counter()
     tr = Trainer(train, held, target_gguf, target, work, tc)
@@ -376,9 +386,15 @@ def pipeline(target: str, out: Path, tc: TrainConfig, segments: int = 320, self_
     return run(registry.model_key(target), gguf, shards, out, tc, meta)
 
 
-def train_collected(target: str, data_dirs: list[Path], out: Path, tc: TrainConfig) -> Trainer:
+HELD_OUT_EVERY = 16  # v2: items (an instruction with its answer, or a text window) held out: 1 in 16
+
+
+def train_collected(target: str, data_dirs: list[Path], out: Path, tc: TrainConfig,
+                    held_every: int = HELD_OUT_EVERY) -> Trainer:
     """``edgespec train-drafter --train-only``: train on every complete shard of the v2 collections
-    (``collect.py``) in ``data_dirs`` (the first and the last shard held out) and export to ``out``."""
+    (``collect.py``) in ``data_dirs`` and export to ``out``. Held out by item, not by position: every 16th
+    (``held_every``) item of each shard (an instruction's prompt and answer together, or a whole text window),
+    so both the target's answers and teacher-forced text are evaluated on material never trained on."""
     from edgespec.models import collect
 
     from edgespec import machine, registry
@@ -392,6 +408,10 @@ def train_collected(target: str, data_dirs: list[Path], out: Path, tc: TrainConf
     meta = {"data": f"{total} positions in {len(shards)} v2 shards of " + ", ".join(f"`{d.name}`" for d in data_dirs)
                     + " (" + ", ".join(f"{k} {v}" for k, v in sorted(comp.items())) + "): the target's greedy answers "
                     "to instructions built from the Python standard library and installed packages, their prompts, "
-                    "and teacher-forced source and documentation windows (no benchmark prompt; `corpus.py`)",
+                    f"and teacher-forced source and documentation windows (no benchmark prompt; `corpus.py`); 1 item "
+                    f"in {held_every} held out",
             "machine": f"{machine.cpu_name()}, {tc.threads or min(4, os.cpu_count() or 1)} torch threads"}
-    return run(registry.model_key(target), registry.resolve(target), shards, out, tc, meta)
+    data = Data.load(shards)
+    held = data.item % held_every == held_every - 1
+    return fit(registry.model_key(target), registry.resolve(target), data.subset(~held), data.subset(held), out, tc,
+               meta)

@@ -150,6 +150,20 @@ def test_training_on_v2_shards_lowers_the_weighted_loss(runs, smol_path, tmp_pat
     assert len(ev["chain_accept_by_kind"]) >= 2
 
 
+def test_train_collected_holds_out_whole_items_and_writes_a_card(runs, smol_path, tmp_path):
+    from edgespec.models.train_redrafter import TrainConfig, train_collected
+
+    tc = TrainConfig(depth=2, n_draft=256, d_rnn=16, rank=16, shortlist=8, steps=4, batch=16, ckpt_every=100,
+                     eval_every=1000, threads=1)
+    out = tmp_path / "rd.npz"
+    tr = train_collected(str(smol_path), [runs["a"]], out, tc, held_every=2)
+    # whole items: an instruction's prompt and answer go to the same side
+    assert {int(i) % 2 for i in tr.held.item} == {1} and {int(i) % 2 for i in tr.data.item} == {0}
+    assert {int(s) for s in tr.held.source} >= {col.SOURCES.index("prompt")}
+    card = out.with_suffix(".md").read_text()
+    assert out.exists() and "v2 shards" in card and "1 item in 2 held out" in card and "torch threads" in card
+
+
 def test_cli_train_only_needs_collected_shards(tmp_path, capsys):
     from edgespec import cli
 
