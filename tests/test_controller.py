@@ -72,3 +72,16 @@ def test_a_chain_is_kept_by_its_best_prefix_not_node_by_node():
     assert TreeShape(depth=8, max_nodes=2, node_cost=(0.1,) * 8).keep([0.9, 0.9, 0.9]) == 2  # node limit
     assert TreeShape(depth=3).keep([0.1, 0.1]) == 2  # unpriced: every node
     assert steep.keep([0.95, 0.9, 0.85, 0.8], n_nodes=7) == 1  # one place left in the batch
+
+
+def test_bench_method_suffixes():
+    from edgespec.benches.speed import parse_method
+
+    m = parse_method("redrafter:/x/head.npz@3+exact+gate")
+    assert (m.drafter, m.depth, m.exact, m.gate) == ("redrafter:/x/head.npz", 3, True, True)
+    m = parse_method("redrafter+gate+exact")  # either order
+    assert (m.drafter, m.exact, m.gate) == ("redrafter", True, True)
+    m = parse_method("ngram+exact")
+    assert (m.drafter, m.exact, m.gate) == ("ngram", True, None)
+    with pytest.raises(ValueError, match="redrafter"):
+        parse_method("ngram+gate")

@@ -41,13 +41,27 @@ class Method:
     width: int | None = None
     k: int = 0
     exact: bool = False  # verify only bit-exact batch sizes (``--exact``)
+    gate: bool | None = None  # ReDrafter: gate each draft by its own calibrated confidence (``+gate``)
+
+
+SUFFIXES = ("+exact", "+gate")
 
 
 def parse_method(spec: str) -> Method:
-    """``name[@depth[xwidth]][+exact]``, e.g. ``redrafter``, ``ngram@3``, ``redrafter+exact``."""
-    base, exact = (spec[:-len("+exact")], True) if spec.endswith("+exact") else (spec, False)
+    """``name[@depth[xwidth]][+exact][+gate]``, e.g. ``redrafter``, ``ngram@3``, ``redrafter+exact``,
+    ``redrafter+gate`` (a self-gating ReDrafter: the cost-aware keep of its chain instead of the controller's
+    depth)."""
+    base, flags = spec, set()
+    while base.endswith(SUFFIXES):
+        flag = next(f for f in SUFFIXES if base.endswith(f))
+        flags.add(flag)
+        base = base[:-len(flag)]
     m = _parse_method(base)
-    m.name, m.exact = spec, exact
+    m.name, m.exact = spec, "+exact" in flags
+    if "+gate" in flags:
+        if not (m.drafter or "").startswith("redrafter"):
+            raise ValueError(f"+gate applies to redrafter methods only, not {spec!r}")
+        m.gate = True
     return m
 
 
@@ -104,6 +118,8 @@ class Bench:
                 drafter = None
                 if m.kind == "spec":
                     drafter = drafters.make(drafters.parse(m.drafter, model), self.target, model, draft_open)
+                    if m.gate is not None:
+                        drafter.self_gating = m.gate
                 self.runtimes[m.name] = Runtime(self.target, model, drafter, m.width, m.depth, exact=m.exact)
             elif m.kind in ("anchor", "llama-python"):
                 from llama_cpp import Llama
