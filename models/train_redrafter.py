@@ -42,7 +42,7 @@ class TrainConfig:
     depth_weight: float = 1.0  # loss weight of depth j: depth_weight ** (j - 1)
     ckpt_every: int = 100
     eval_every: int = 200
-    held_out: int = 2  # last shards kept for evaluation
+    held_out: int = 2  # v1 data: shards kept for evaluation (v2 holds out items: ``train_collected``)
     seed: int = 0
     threads: int | None = None  # torch CPU threads (default: all cores, at most 4)
     time_budget_s: float | None = None  # cap the steps to what fits this wall time (measured on the first 10)
@@ -257,7 +257,7 @@ class Trainer:
             hit = np.ones(len(pos), bool)
             kinds = self._kinds(seg)
             chain: list[float] = []
-            by_kind: dict[str, list[float]] = {k: [] for k in sorted(set(kinds))}
+            by_kind: dict[str, list[float]] = {str(k): [] for k in sorted(set(kinds))}
             for j in range(1, self.tc.depth + 1):
                 if j > 1:  # draft inputs x_{t+1..t+j} all on the target's greedy path
                     greedy &= self.held.tokens[seg, t + j] == self.held.top_ids[seg, t + j - 1, 0]
