@@ -292,6 +292,11 @@ def cmd_train_drafter(a: argparse.Namespace) -> int:
         n = sum(collect.shard_positions(p) for p in shards)
         print(f"{len(shards)} shards, {n} positions in {out_dir}")
         return 0
+    knobs = {"--instructions-per-shard": a.instructions_per_shard, "--texts-per-shard": a.texts_per_shard,
+             "--rows": a.rows, "--seed": a.seed}
+    given = [k for k, v in knobs.items() if v is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} shape a collection: use them with --collect-only")
     from edgespec.models.train_redrafter import TrainConfig, pipeline, train_collected
 
     tc = TrainConfig(steps=a.steps, batch=a.batch, n_draft=a.draft_vocab, depth=a.depth, depth_weight=a.depth_weight,

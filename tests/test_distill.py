@@ -169,6 +169,8 @@ def test_cli_train_only_needs_collected_shards(tmp_path, capsys):
 
     assert cli.main(["train-drafter", "--target", "x", "--train-only", "--data-dir", str(tmp_path)]) == 2
     assert "--collect-only" in capsys.readouterr().err
+    assert cli.main(["train-drafter", "--target", "x", "--train-only", "--rows", "512"]) == 2  # a collection knob
+    assert "--rows" in capsys.readouterr().err
 
 
 def test_resume_refuses_another_config(runs, smol_path, tmp_path):
