@@ -278,6 +278,10 @@ def cmd_drafter(a: argparse.Namespace) -> int:
 
 
 def cmd_train_drafter(a: argparse.Namespace) -> int:
+    # the collection's knobs: flag -> (CollectConfig field, value given)
+    knobs = {"--instructions-per-shard": ("prompts_per_shard", a.instructions_per_shard),
+             "--texts-per-shard": ("texts_per_shard", a.texts_per_shard), "--rows": ("rows", a.rows),
+             "--seed": ("seed", a.seed)}
     if a.collect_only:
         from edgespec.models import collect
 
@@ -285,16 +289,12 @@ def cmd_train_drafter(a: argparse.Namespace) -> int:
             raise ValueError("--collect-only writes one collection: give one --data-dir")
         out_dir = Path(a.data_dir[0]) if a.data_dir else collect.default_dir(a.target)
         positions = a.positions or 2_000_000
-        cfg = collect.CollectConfig(**{k: v for k, v in (("prompts_per_shard", a.instructions_per_shard),
-                                                         ("texts_per_shard", a.texts_per_shard), ("rows", a.rows),
-                                                         ("seed", a.seed)) if v is not None})
+        cfg = collect.CollectConfig(**{field: v for _, (field, v) in knobs.items() if v is not None})
         shards = collect.run(a.target, positions, threads=a.threads, out_dir=out_dir, cfg=cfg)
         n = sum(collect.shard_positions(p) for p in shards)
         print(f"{len(shards)} shards, {n} positions in {out_dir}")
         return 0
-    knobs = {"--instructions-per-shard": a.instructions_per_shard, "--texts-per-shard": a.texts_per_shard,
-             "--rows": a.rows, "--seed": a.seed}
-    given = [k for k, v in knobs.items() if v is not None]
+    given = [flag for flag, (_, v) in knobs.items() if v is not None]
     if given:
         raise ValueError(f"{', '.join(given)} shape a collection: use them with --collect-only")
     from edgespec.models.train_redrafter import TrainConfig, pipeline, train_collected

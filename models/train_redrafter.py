@@ -333,7 +333,7 @@ def write_card(path: Path, trainer: Trainer, meta: dict) -> None:
             f"({meta.get('tokens')} positions; {meta.get('self_segments', 0)} of them the target's own greedy answers);"
             " sources: Python standard library and installed packages' sources (HumanEval excluded)",
             f"- Steps: {trainer.step_n}, batch {trainer.tc.batch}; wall time {meta.get('train_s', 0):.0f} s"
-            + (f" on {meta['machine']}" if "machine" in meta else ""),
+            + (f" on {meta['machine']}, {trainer.torch.get_num_threads()} torch threads" if "machine" in meta else ""),
             f"- Final train KL {h[-1]['kl']:.3f}, CE {h[-1]['ce']:.3f}" if h else "- not trained",
             f"- Held-out: KL {last.get('kl', float('nan')):.3f}, CE {last.get('ce', float('nan')):.3f}",
             f"- Held-out argmax agreement per depth: {[round(a, 3) for a in last.get('agree', [])]}",
@@ -410,7 +410,7 @@ def train_collected(target: str, data_dirs: list[Path], out: Path, tc: TrainConf
                     "to instructions built from the Python standard library and installed packages, their prompts, "
                     f"and teacher-forced source and documentation windows (no benchmark prompt; `corpus.py`); 1 item "
                     f"in {held_every} held out",
-            "machine": f"{machine.cpu_name()}, {tc.threads or min(4, os.cpu_count() or 1)} torch threads"}
+            "machine": machine.cpu_name()}
     data = Data.load(shards)
     held = data.item % held_every == held_every - 1
     return fit(registry.model_key(target), registry.resolve(target), data.subset(~held), data.subset(held), out, tc,
