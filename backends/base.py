@@ -87,6 +87,8 @@ class Backend(Protocol):
     # The largest verify batch whose rows equal single-token decoding bit for bit (None: no known limit).
     # The controller keeps trees within it so that greedy speculation equals plain decoding exactly.
     exact_rows: int | None
+    # ... and the context length below which that holds (None: any): every row of a verify must sit below it.
+    exact_context: int | None
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]: ...
 

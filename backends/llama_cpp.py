@@ -32,6 +32,9 @@ from edgespec.backends.base import (
 KV_TYPES = {"f16": (lc.GGML_TYPE_F16, 2.0), "q8_0": (lc.GGML_TYPE_Q8_0, 34 / 32), "q4_0": (lc.GGML_TYPE_Q4_0, 18 / 32)}
 
 EXACT_CPU_ROWS = 3
+# llama.cpp pads the KV view to 256 cells; from 512 cells on, a single-token decode splits flash attention over
+# the KV cache across threads (ggml's split-KV path, a different summation order) while batches of 2+ rows do not.
+EXACT_CPU_CONTEXT = 256
 _LOG: deque[str] = deque(maxlen=50)
 _VERBOSE = bool(os.environ.get("EDGESPEC_VERBOSE"))
 
@@ -154,7 +157,10 @@ class LlamaCppBackend:
         # its logits are bit-identical to plain decoding's; from 4 rows on the repacked quantized weights go
         # through GEMM kernels that round differently (logits move by up to ~0.5), which can flip a near-tie.
         # GPU builds (Metal, CUDA) switch kernels at other sizes: no cap there, near-ties may part.
+        # That holds only while the KV view is under 512 cells (EXACT_CPU_CONTEXT): beyond it single-token decoding
+        # runs another attention kernel, so no batch of 2+ rows matches it bit for bit (logits differ by ~0.3).
         self.exact_rows = None if lc.llama_supports_gpu_offload() else EXACT_CPU_ROWS
+        self.exact_context = None if self.exact_rows is None else EXACT_CPU_CONTEXT
 
     # ---- metadata -------------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:

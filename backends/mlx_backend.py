@@ -171,6 +171,7 @@ class MlxBackend:
 
     name = "mlx"
     exact_rows = None  # batched and single-token matmuls agree to rounding; near-ties may still part
+    exact_context = None
 
     def __init__(self, path: str | Path, n_ctx: int = 4096, bits: int | str | None = "gguf", n_batch: int = 512,
                  memory_limit: int | None = None, dtype: str | None = None, progress: bool = True,

@@ -20,8 +20,10 @@ confident proposal the step is plain decoding, at no extra cost. Marginal costs 
 from the table's lower envelope (the cheapest verify of at least n rows), so a node that takes the batch
 into a cheaper kernel is priced at what it really adds.
 
-Exactness is a choice (``exact_rows``): with it, no verify exceeds the backend's bit-exact batch (3 rows
-on llama.cpp's CPU kernels) and greedy output equals plain decoding bit for bit; without it, larger batches
+Exactness is a choice (``exact_rows``, ``exact_context``): with it, no verify exceeds the backend's bit-exact
+batch (3 rows on llama.cpp's CPU kernels, while the context is under 256 tokens; past that, plain decoding's own
+attention kernel changes and no batch matches it, so the controller stops drafting) and greedy output equals
+plain decoding bit for bit; without it, larger batches
 run the target's own distribution through other kernels, and greedy output may part from plain decoding
 only where the target's top two logits are within rounding of each other.
 """
@@ -47,6 +49,7 @@ class ControllerConfig:
     probe_max: int = 256  # ... doubling after each probe up to this
     fixed_depth: int | None = None  # bypass the cost model (benchmarks of a fixed shape)
     self_gating: bool = False  # the drafter predicts its own acceptance and gates each node by cost
+    exact_context: int | None = None  # exact mode: draft only while every verify row sits below this position
 
 
 @dataclass
@@ -107,7 +110,10 @@ class Controller:
         env = [self.envelope(k + 1) for k in range(n + 1)]
         return tuple(max(env[k + 1] - env[k], 0.0) / t1 + self.draft_s_per_node / t1 for k in range(n))
 
-    def next_shape(self, room: int) -> TreeShape:
+    def next_shape(self, room: int, n_cached: int = 0) -> TreeShape:
+        """The shape of the next draft, with ``room`` tokens left in the context after ``n_cached``."""
+        if self.cfg.exact_context is not None:  # beyond it a batch is not bit-exact (a margin for tree holes)
+            room = min(room, self.cfg.exact_context - n_cached - 1 - self.cfg.max_nodes)
         room = max(room, 0)
         max_nodes = min(self.cfg.max_nodes, room)
         if self.memory is not None:  # shrink the tree to what fits; with no room, do not draft
@@ -144,16 +150,19 @@ class Controller:
 
 
 def controller_for(drafter, width: int | None = None, fixed_depth: int | None = None,
-                   costs: dict[int, float] | None = None, exact_rows: int | None = None) -> Controller:
+                   costs: dict[int, float] | None = None, exact_rows: int | None = None,
+                   exact_context: int | None = None) -> Controller:
     """A controller set up for ``drafter``: its own default width/depth, self-gating when it predicts its
-    acceptance, and the verify cost model seeded with ``costs`` (from ``calibrate``). ``exact_rows`` (the
-    backend's ``exact_rows``) caps a verify at that many rows, root included, so greedy output stays exact."""
+    acceptance, and the verify cost model seeded with ``costs`` (from ``calibrate``). ``exact_rows`` and
+    ``exact_context`` (the backend's) make greedy output stay exact: a verify has at most ``exact_rows`` rows,
+    root included, and none once the context reaches ``exact_context``."""
     max_nodes = ControllerConfig.max_nodes if exact_rows is None else max(exact_rows - 1, 0)
+    exact_context = exact_context if exact_rows is not None else None
     if drafter is None:
-        cfg = ControllerConfig(max_nodes=max_nodes, fixed_depth=fixed_depth)
+        cfg = ControllerConfig(max_nodes=max_nodes, fixed_depth=fixed_depth, exact_context=exact_context)
     else:
         cfg = ControllerConfig(max_depth=drafter.max_depth, max_nodes=max_nodes, width=width or drafter.default_width,
-                               fixed_depth=fixed_depth, self_gating=drafter.self_gating)
+                               fixed_depth=fixed_depth, self_gating=drafter.self_gating, exact_context=exact_context)
     ctl = Controller(cfg)
     ctl.verify_s.update(costs or {})
     return ctl

@@ -141,8 +141,7 @@ class Generation(Iterator[str]):
         drafter, ctl = rt.drafter, rt.controller
         if self.drafter is not None:  # a per-request drafter gets a controller seeded with the measured costs
             drafter = self.drafter
-            ctl = controller_for(drafter, costs=dict(rt.controller.verify_s),
-                                 exact_rows=rt.backend.exact_rows if rt.exact else None)
+            ctl = controller_for(drafter, costs=dict(rt.controller.verify_s), **rt.exact_caps())
             ctl.memory = rt.controller.memory
         steps = plain_steps if drafter is None else speculative_steps(drafter, ctl)
         adapter = getattr(rt.drafter, "adapter", None)
@@ -239,7 +238,13 @@ class Runtime:
         if drafter is not None and fixed_depth is None:
             costs = calibrate(backend)  # seed the cost model (~1 s)
             backend.truncate(0)
-        self.controller = controller_for(drafter, width, fixed_depth, costs, backend.exact_rows if exact else None)
+        self.controller = controller_for(drafter, width, fixed_depth, costs, **self.exact_caps())
+
+    def exact_caps(self) -> dict:
+        """``controller_for``'s exactness limits: the backend's, with ``exact``; none without."""
+        if not self.exact:
+            return {}
+        return {"exact_rows": self.backend.exact_rows, "exact_context": getattr(self.backend, "exact_context", None)}
 
     # ---- ownership ------------------------------------------------------------------------------
     @property

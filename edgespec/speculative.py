@@ -108,7 +108,7 @@ def speculative_steps(drafter: Drafter, controller: Controller) -> StepSource:
         yield [root]
         while True:
             room = backend.n_ctx - len(backend.cached) - 1
-            shape = controller.next_shape(room)
+            shape = controller.next_shape(room, len(backend.cached))
             t0 = time.perf_counter()
             tree = DraftTree()
             if shape.depth > 0:

@@ -185,3 +185,33 @@ def test_huge_pages_hold_the_weights_and_change_no_logits(smol_path, monkeypatch
         huge.close()
     monkeypatch.setenv("EDGESPEC_HUGE_PAGES", "0")
     assert not hugepages.enabled(None) and not hugepages.enabled(False)
+
+
+def test_batches_are_bit_exact_only_below_the_exact_context(qwen):
+    """Why ``exact_context`` exists: with the context under it, each row of a 2- or 3-row chain has the logits of
+    a single-token decode bit for bit; past it, single-token decoding runs llama.cpp's split-KV attention and a
+    2-row chain no longer matches it (if this starts to pass, llama.cpp changed: re-measure the limit)."""
+    b = qwen
+    assert b.exact_rows == 3 and b.exact_context == 256
+    text = b.tokenize("def fibonacci(n):\n    return n\n" * 60, add_special=True)
+    toks = b.tokenize(" a = fibonacci(10) + fibonacci(11)", add_special=False)[:3]
+
+    def chain(ts):
+        out = b.forward(ts, [-1] + list(range(len(ts) - 1)), want_hidden=False)
+        b.commit(list(range(len(ts))))
+        return out.logits.copy()
+
+    def diffs(n_ctx):
+        b.truncate(0)
+        b.prefill(text[:n_ctx])
+        single = [chain([t])[0] for t in toks]
+        out = []
+        for n in (2, 3):
+            b.truncate(n_ctx)
+            got = chain(toks[:n])
+            out.append(max(float(np.abs(got[j] - single[j]).max()) for j in range(n)))
+        b.truncate(0)
+        return out
+
+    assert diffs(b.exact_context - 8) == [0.0, 0.0]
+    assert min(diffs(b.exact_context + 40)) > 0.01

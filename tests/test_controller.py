@@ -33,6 +33,23 @@ def test_exact_never_verifies_more_than_the_exact_batch():
     assert ngram.next_shape(room=100).max_nodes == 2
 
 
+def test_exact_stops_drafting_where_the_context_leaves_the_exact_span():
+    """Exact mode drafts only while every verify row (and a tree's holes) stays below ``exact_context``; plain
+    mode ignores it, and so does a controller made without an exact cap."""
+    for drafter in (NgramDrafter(), None):
+        exact = controller_for(drafter, costs=XEON, exact_rows=3, exact_context=256, fixed_depth=2)
+        assert exact.next_shape(room=1000, n_cached=100).depth == 2
+        assert exact.next_shape(room=1000, n_cached=251).depth == 2  # rows at 251..253, holes up to 255
+        assert exact.next_shape(room=1000, n_cached=252).depth == 1
+        assert exact.next_shape(room=1000, n_cached=253).depth == 0
+        assert exact.next_shape(room=1000, n_cached=4000).depth == 0
+        free = controller_for(drafter, costs=XEON, exact_context=256, fixed_depth=2)
+        assert free.next_shape(room=1000, n_cached=4000).depth == 2
+    gated = controller_for(NgramDrafter(), costs=XEON, exact_rows=3, exact_context=256)
+    assert gated.next_shape(room=1000, n_cached=100).max_nodes == 2
+    assert gated.next_shape(room=1000, n_cached=300).depth == 0
+
+
 def test_no_drafting_when_verify_is_as_dear_as_plain_steps():
     ctl = chain_controller(LINEAR, [0.7] * 6)
     assert ctl.best_depth() == 0

@@ -1,0 +1,160 @@
+"""Replay drafters offline on recorded greedy outputs, priced with a measured verify-cost table.
+
+A speed bench takes 15 minutes per prompt set; this answers "how fast could drafter X be here?" in seconds,
+for drafters whose proposals do not depend on timing. ``record`` runs plain greedy decoding over the bench
+prompt sets once (and, with ``--hidden``, keeps the target's hidden state at every output position for the
+ReDrafter); ``replay`` walks each output as the speculative loop would (the controller, the drafter's
+``propose``/``observe``, acceptance = the longest matching prefix of the recorded output) and counts verify
+cost from the c(n) table instead of a clock. Drafting itself is counted free, so a replayed speedup is an
+upper bound for drafters with a real draft cost. ``--oracle`` also replays each drafter with perfect gating
+(only its accepted prefix is verified): what any confidence estimate on top of it could reach.
+
+    python scripts/draft_replay.py record --out ~/.cache/edgespec/replay.json --hidden
+    python scripts/draft_replay.py replay ~/.cache/edgespec/replay.json --drafters ngram,redrafter+gate --oracle
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from edgespec.models.drafter import DraftContext, DraftTree, TreeShape, VerifyResult
+
+from edgespec.controller import controller_for
+
+SETS = (("humaneval", 20), ("chat", 20), ("adversarial", 10))
+# c(n) of session 9's HumanEval run (Intel Xeon family 6 model 167, 2 threads), BENCHMARKS.md
+XEON_S9 = "1:1.0,2:1.65,3:2.05,4:1.93,5:2.50,6:2.89,8:3.52,12:4.40,16:4.36"
+
+
+def record(args) -> None:
+    from edgespec.benches.prompts import load_prompts
+    from edgespec.benches.speed import Bench, parse_method
+
+    bench = Bench(args.model, [parse_method("plain")], 4096, args.threads, args.max_tokens)
+    out, hidden = {}, {}
+    for kind, n in SETS:
+        out[kind] = []
+        for k, prompt in enumerate(load_prompts(kind, n, bench.target)):
+            tokens = bench.run(bench.methods[0], prompt).tokens
+            out[kind].append({"prompt": prompt, "out": tokens})
+            if args.hidden:  # row i: the hidden state that produced out[i] (the root of step i)
+                b = bench.target
+                b.truncate(0)
+                rows = [b.prefill(prompt, want_hidden=True).hidden[0]]
+                if len(tokens) > 1:
+                    rows += list(b.forward(tokens[:-1], [-1] + list(range(len(tokens) - 2))).hidden)
+                b.truncate(0)
+                hidden[f"{kind}_{k}"] = np.stack(rows).astype(np.float16)
+            print(kind, k, len(tokens), flush=True)
+    bench.close()
+    Path(args.out).write_text(json.dumps({"model": args.model, "sets": out}))
+    if args.hidden:
+        np.savez(Path(args.out).with_suffix(".hidden.npz"), **hidden)
+
+
+def accepted_path(tree: DraftTree, truth: list[int]) -> list[int]:
+    """The nodes the target accepts when its greedy continuation is ``truth``."""
+    path, node = [], -1
+    for t in truth:
+        nxt = next((i for i, p in enumerate(tree.parents) if p == node and tree.tokens[i] == t), None)
+        if nxt is None:
+            break
+        path.append(nxt)
+        node = nxt
+    return path
+
+
+def oracle_cut(tree: DraftTree, truth: list[int], shape: TreeShape) -> DraftTree:
+    """Perfect gating: only the accepted chain, cut where the cost table stops paying for it."""
+    toks = [tree.tokens[i] for i in accepted_path(tree, truth)]
+    k = shape.keep([1.0] * len(toks))
+    return DraftTree(toks[:k], list(range(-1, k - 1)))
+
+
+def replay_one(drafter, prompt, out, costs, hidden=None, oracle=False) -> tuple[int, float, int]:
+    """(tokens, cost in plain steps, verifies) of one recorded output."""
+    drafter.reset()
+    ctl = controller_for(drafter, costs=dict(costs))
+    i, tokens, cost, verifies = 0, 0, 0.0, 0
+    while i < len(out) - 1:
+        cached, truth = prompt + out[:i], out[i + 1:]
+        shape = ctl.next_shape(len(out) - 1 - i, len(cached))
+        tree = DraftTree()
+        if shape.depth:
+            h = None if hidden is None else hidden[i].astype(np.float32)
+            ask = TreeShape(8, shape.width, 16) if oracle else shape
+            tree = drafter.propose(DraftContext(cached, out[i], h, None), ask)
+            if oracle:
+                tree = oracle_cut(tree, truth, shape)
+        acc = accepted_path(tree, truth)
+        n = len(tree) + 1
+        nxt = i + len(acc) + 1
+        if len(tree) and not oracle:
+            drafter.observe(VerifyResult(tree, acc, out[nxt] if nxt < len(out) else -1, root=out[i]))
+        ctl.observe(tree, acc, 0.0, ctl.verify_cost(n))
+        tokens, verifies, i = tokens + len(acc) + 1, verifies + 1, nxt
+        cost += ctl.verify_cost(n) / ctl.verify_cost(1)
+    return tokens, cost, verifies
+
+
+def make_drafter(spec: str, model: str):
+    from edgespec.models.ngram import NgramDrafter
+    from edgespec.models.redrafter import ReDrafter, shipped
+
+    from edgespec import registry
+
+    name, _, flag = spec.partition("+")
+    if name == "ngram":
+        return NgramDrafter()
+    if name.startswith("redrafter"):
+        path = Path(name.split(":", 1)[1]) if ":" in name else shipped(model)
+        return ReDrafter(path, registry.resolve(model), self_gating=flag == "gate" or None)
+    raise SystemExit(f"replay knows ngram and redrafter[:path][+gate], not {spec!r}")
+
+
+def replay(args) -> None:
+    data = json.loads(Path(args.outputs).read_text())
+    hid_path = Path(args.outputs).with_suffix(".hidden.npz")
+    hidden = np.load(hid_path) if hid_path.exists() else None
+    costs = {int(k): float(v) for k, v in (kv.split(":") for kv in args.costs.split(","))}
+    print(f"c(n): {costs}")
+    for spec in args.drafters.split(","):
+        for oracle in (False, True) if args.oracle else (False,):
+            for kind, _ in SETS:
+                d = make_drafter(spec, data["model"])
+                if d.needs_hidden and hidden is None:
+                    raise SystemExit(f"{spec} needs hidden states: record with --hidden")
+                per, tpv = [], []
+                for k, x in enumerate(data["sets"][kind]):
+                    h = hidden[f"{kind}_{k}"] if d.needs_hidden else None
+                    tok, cost, ver = replay_one(d, x["prompt"], x["out"], costs, h, oracle)
+                    per.append(tok / cost if cost else 1.0)
+                    tpv.append(tok / max(ver, 1))
+                q = np.percentile(per, [25, 50, 75])
+                print(f"{spec}{' oracle-gated' if oracle else ''} {kind}: speedup {q[1]:.3f}x [{q[0]:.3f}-{q[2]:.3f}], "
+                      f"tokens/verify {np.mean(tpv):.2f}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("record", help="greedy outputs of the bench prompt sets (and hidden states)")
+    r.add_argument("--model", default="qwen2.5-coder-1.5b")
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--max-tokens", type=int, default=128)
+    r.add_argument("--hidden", action="store_true", help="also keep hidden states (for ReDrafter replay)")
+    r.add_argument("--out", required=True)
+    p = sub.add_parser("replay", help="replay drafters on recorded outputs")
+    p.add_argument("outputs")
+    p.add_argument("--drafters", default="ngram")
+    p.add_argument("--costs", default=XEON_S9, help="c(n) as n:cost,... in single steps")
+    p.add_argument("--oracle", action="store_true", help="also replay with perfect gating")
+    args = ap.parse_args()
+    record(args) if args.cmd == "record" else replay(args)
+
+
+if __name__ == "__main__":
+    main()
