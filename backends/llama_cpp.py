@@ -32,6 +32,9 @@ from edgespec.backends.base import (
 KV_TYPES = {"f16": (lc.GGML_TYPE_F16, 2.0), "q8_0": (lc.GGML_TYPE_Q8_0, 34 / 32), "q4_0": (lc.GGML_TYPE_Q4_0, 18 / 32)}
 
 EXACT_CPU_ROWS = 3
+# With AMX (EDGESPEC_AMX=1 builds) one row runs the VNNI kernel and 2-32 rows the AMX tiles, and they round alike:
+# batches of up to 32 rows matched single-token decoding bit for bit (both Qwen models, measured in session 10).
+EXACT_AMX_ROWS = 32
 # llama.cpp pads the KV view to 256 cells; from 512 cells on, a single-token decode splits flash attention over
 # the KV cache across threads (ggml's split-KV path, a different summation order) while batches of 2+ rows do not.
 EXACT_CPU_CONTEXT = 256
@@ -48,6 +51,11 @@ def _log_callback(level, text, user_data):  # keep llama.cpp quiet, but remember
 
 
 _initialized = False
+
+
+def amx_build() -> bool:
+    """Was the loaded llama.cpp built with AMX (``EDGESPEC_AMX=1 bash scripts/setup.sh``)?"""
+    return b"AMX_INT8 = 1" in lc.llama_print_system_info()
 
 
 def init_once() -> None:
@@ -159,7 +167,7 @@ class LlamaCppBackend:
         # GPU builds (Metal, CUDA) switch kernels at other sizes: no cap there, near-ties may part.
         # That holds only while the KV view is under 512 cells (EXACT_CPU_CONTEXT): beyond it single-token decoding
         # runs another attention kernel, so no batch of 2+ rows matches it bit for bit (logits differ by ~0.3).
-        self.exact_rows = None if lc.llama_supports_gpu_offload() else EXACT_CPU_ROWS
+        self.exact_rows = None if lc.llama_supports_gpu_offload() else EXACT_AMX_ROWS if amx_build() else EXACT_CPU_ROWS
         self.exact_context = None if self.exact_rows is None else EXACT_CPU_CONTEXT
 
     # ---- metadata -------------------------------------------------------------------------------

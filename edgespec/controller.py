@@ -156,7 +156,9 @@ def controller_for(drafter, width: int | None = None, fixed_depth: int | None = 
     acceptance, and the verify cost model seeded with ``costs`` (from ``calibrate``). ``exact_rows`` and
     ``exact_context`` (the backend's) make greedy output stay exact: a verify has at most ``exact_rows`` rows,
     root included, and none once the context reaches ``exact_context``."""
-    max_nodes = ControllerConfig.max_nodes if exact_rows is None else max(exact_rows - 1, 0)
+    max_nodes = ControllerConfig.max_nodes
+    if exact_rows is not None:
+        max_nodes = max(min(exact_rows - 1, max_nodes), 0)
     exact_context = exact_context if exact_rows is not None else None
     if drafter is None:
         cfg = ControllerConfig(max_nodes=max_nodes, fixed_depth=fixed_depth, exact_context=exact_context)

@@ -13,6 +13,8 @@ if [ ! -x "$BIN" ] || [ "$(cat "$DIR/.args" 2>/dev/null)" != "$ARGS" ]; then
   [ -f "$DIR/llama_cpp_python-$LLAMA_VERSION.tar.gz" ] || \
     .venv/bin/python -m pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_VERSION" -d "$DIR" >&2
   [ -d "$DIR/llama_cpp_python-$LLAMA_VERSION" ] || tar xzf "$DIR/llama_cpp_python-$LLAMA_VERSION.tar.gz" -C "$DIR"
+  # the AMX tile-config fix (it touches only code compiled with AMX on, so other builds are unchanged)
+  .venv/bin/python scripts/patch_llama.py "$DIR/llama_cpp_python-$LLAMA_VERSION"
   # shellcheck disable=SC2086
   cmake -S "$DIR/llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp" -B "$DIR/build" $ARGS -DCMAKE_BUILD_TYPE=Release \
     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2

@@ -2,9 +2,13 @@
 
 llama.cpp's default native build enables AMX on CPUs that have it and then crashes in llama_decode
 (design notes, section 2). So on x86-64 Linux the build is never native: each SIMD extension is
-switched on only when /proc/cpuinfo lists it, and AMX stays off. On macOS arm64, Metal is the default.
+switched on only when /proc/cpuinfo lists it, and AMX stays off unless ``EDGESPEC_AMX=1`` asks for it (then
+``scripts/setup.sh`` builds from a source patched by ``scripts/patch_llama.py``, which fixes the crash). With
+AMX, prompts are processed ~1.6x faster and single-token decoding ~3% slower (BENCHMARKS.md, session 10).
+On macOS arm64, Metal is the default.
 """
 
+import os
 import platform
 import sys
 
@@ -28,6 +32,8 @@ def cmake_args() -> str:
         have = set()
     args = ["-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF"]
     args += [f"-D{opt}={'ON' if flag in have else 'OFF'}" for flag, opt in FLAGS]
+    if os.environ.get("EDGESPEC_AMX") == "1" and {"amx_tile", "amx_int8", "avx512_vnni"} <= have:
+        args += ["-DGGML_AMX_TILE=ON", "-DGGML_AMX_INT8=ON", f"-DGGML_AMX_BF16={'ON' if 'amx_bf16' in have else 'OFF'}"]
     return " ".join(args)
 
 

@@ -188,30 +188,34 @@ def test_huge_pages_hold_the_weights_and_change_no_logits(smol_path, monkeypatch
 
 
 def test_batches_are_bit_exact_only_below_the_exact_context(qwen):
-    """Why ``exact_context`` exists: with the context under it, each row of a 2- or 3-row chain has the logits of
-    a single-token decode bit for bit; past it, single-token decoding runs llama.cpp's split-KV attention and a
-    2-row chain no longer matches it (if this starts to pass, llama.cpp changed: re-measure the limit)."""
+    """Why ``exact_rows`` and ``exact_context`` are what they are: with the context under ``exact_context``, each row
+    of a chain of up to ``exact_rows`` rows has the logits of a single-token decode bit for bit (3 rows with the
+    default build, 32 with AMX); past it, single-token decoding runs llama.cpp's split-KV attention and a 2-row
+    chain no longer matches it (if that starts to pass, llama.cpp changed: re-measure the limit)."""
+    from edgespec.backends.llama_cpp import EXACT_AMX_ROWS, EXACT_CPU_ROWS, amx_build
+
     b = qwen
-    assert b.exact_rows == 3 and b.exact_context == 256
+    assert b.exact_rows == (EXACT_AMX_ROWS if amx_build() else EXACT_CPU_ROWS) and b.exact_context == 256
     text = b.tokenize("def fibonacci(n):\n    return n\n" * 60, add_special=True)
-    toks = b.tokenize(" a = fibonacci(10) + fibonacci(11)", add_special=False)[:3]
+    toks = b.tokenize(" a = fibonacci(10) + fibonacci(11) - fibonacci(12) * 3", add_special=False)[:8]
+    sizes = [n for n in (2, 3, 4, 8) if n <= b.exact_rows]
 
     def chain(ts):
         out = b.forward(ts, [-1] + list(range(len(ts) - 1)), want_hidden=False)
         b.commit(list(range(len(ts))))
         return out.logits.copy()
 
-    def diffs(n_ctx):
+    def diffs(n_ctx, sizes):
         b.truncate(0)
         b.prefill(text[:n_ctx])
-        single = [chain([t])[0] for t in toks]
+        single = [chain([t])[0] for t in toks[:max(sizes)]]
         out = []
-        for n in (2, 3):
+        for n in sizes:
             b.truncate(n_ctx)
             got = chain(toks[:n])
             out.append(max(float(np.abs(got[j] - single[j]).max()) for j in range(n)))
         b.truncate(0)
         return out
 
-    assert diffs(b.exact_context - 8) == [0.0, 0.0]
-    assert min(diffs(b.exact_context + 40)) > 0.01
+    assert diffs(b.exact_context - 16, sizes) == [0.0] * len(sizes)
+    assert min(diffs(b.exact_context + 40, [2, 3])) > 0.01

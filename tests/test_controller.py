@@ -31,6 +31,8 @@ def test_exact_never_verifies_more_than_the_exact_batch():
         assert shape.max_nodes <= 2 and min(shape.depth, shape.max_nodes) + 1 <= 3
     ngram = controller_for(NgramDrafter(), costs=XEON, exact_rows=3)
     assert ngram.next_shape(room=100).max_nodes == 2
+    amx = controller_for(NgramDrafter(), costs=XEON, exact_rows=32)  # an AMX build: the usual 16-node limit
+    assert amx.next_shape(room=100).max_nodes == 16
 
 
 def test_exact_stops_drafting_where_the_context_leaves_the_exact_span():

@@ -391,11 +391,13 @@ def test_ngram_gates_nodes_by_cost_and_learns():
 def test_controller_keeps_trees_within_the_exact_batch(qwen):
     """On the CPU, llama.cpp verifies at most ``exact_rows`` rows (root included): every shape the controller
     hands out, fixed or cost-driven, self-gating or not, fits that, so greedy output stays bit-exact."""
+    from edgespec.backends.llama_cpp import EXACT_AMX_ROWS, EXACT_CPU_ROWS, amx_build
+
     from edgespec.controller import controller_for
 
-    assert qwen.exact_rows == 3
+    assert qwen.exact_rows == (EXACT_AMX_ROWS if amx_build() else EXACT_CPU_ROWS)
     for drafter, depth in ((NgramDrafter(), None), (NgramDrafter(), 5), (OracleDrafter([], []), 4)):
-        ctl = controller_for(drafter, width=2, fixed_depth=depth, exact_rows=qwen.exact_rows)
+        ctl = controller_for(drafter, width=2, fixed_depth=depth, exact_rows=EXACT_CPU_ROWS)
         ctl.accept = [0.99] * len(ctl.accept)  # drafting pays: the controller wants the deepest tree
         shape = ctl.next_shape(room=100)
         assert shape.max_nodes == 2 and shape.depth <= 2
