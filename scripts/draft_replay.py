@@ -37,7 +37,7 @@ def record(args) -> None:
     out, hidden = {}, {}
     for kind, n in SETS:
         out[kind] = []
-        for k, prompt in enumerate(load_prompts(kind, n, bench.target)):
+        for k, prompt in enumerate(load_prompts(kind, min(n, args.n or n), bench.target)):
             tokens = bench.run(bench.methods[0], prompt).tokens
             out[kind].append({"prompt": prompt, "out": tokens})
             if args.hidden:  # row i: the hidden state that produced out[i] (the root of step i)
@@ -146,6 +146,7 @@ def main() -> None:
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--max-tokens", type=int, default=128)
     r.add_argument("--hidden", action="store_true", help="also keep hidden states (for ReDrafter replay)")
+    r.add_argument("--n", type=int, default=None, help="at most this many prompts per set (default: the bench's)")
     r.add_argument("--out", required=True)
     p = sub.add_parser("replay", help="replay drafters on recorded outputs")
     p.add_argument("outputs")
