@@ -244,7 +244,7 @@ class Runtime:
         """``controller_for``'s exactness limits: the backend's, with ``exact``; none without."""
         if not self.exact:
             return {}
-        return {"exact_rows": self.backend.exact_rows, "exact_context": getattr(self.backend, "exact_context", None)}
+        return {"exact_rows": self.backend.exact_rows, "exact_context": self.backend.exact_context}
 
     # ---- ownership ------------------------------------------------------------------------------
     @property

@@ -101,18 +101,23 @@ def replay_one(drafter, prompt, out, costs, hidden=None, oracle=False) -> tuple[
 
 
 def make_drafter(spec: str, model: str):
+    """A drafter from a bench method spec (``ngram``, ``redrafter[:path][+gate]``), checked as the bench checks it."""
     from edgespec.models.ngram import NgramDrafter
-    from edgespec.models.redrafter import ReDrafter, shipped
+    from edgespec.models.redrafter import ReDrafter
 
-    from edgespec import registry
+    from edgespec import drafters, registry
+    from edgespec.benches.speed import parse_method
 
-    name, _, flag = spec.partition("+")
-    if name == "ngram":
+    try:
+        m = parse_method(spec)
+        d = drafters.parse(m.drafter, model) if m.kind == "spec" else None
+    except (ValueError, registry.ModelError) as e:
+        raise SystemExit(f"{spec}: {e}") from e
+    if d is None or d.kind not in ("ngram", "redrafter"):
+        raise SystemExit(f"replay knows ngram and redrafter[:path][+gate], not {spec!r}")
+    if d.kind == "ngram":
         return NgramDrafter()
-    if name.startswith("redrafter"):
-        path = Path(name.split(":", 1)[1]) if ":" in name else shipped(model)
-        return ReDrafter(path, registry.resolve(model), self_gating=flag == "gate" or None)
-    raise SystemExit(f"replay knows ngram and redrafter[:path][+gate], not {spec!r}")
+    return ReDrafter(Path(d.arg), registry.resolve(model), self_gating=m.gate)
 
 
 def replay(args) -> None:
