@@ -2,10 +2,11 @@
 plan applied, the drafter made. ``load`` is the one path used by the CLI, the Python API, the benches and
 the server.
 
-Defaults (the same in ``edgespec.load`` and on the command line): ``draft="auto"`` (the ReDrafter head shipped
-for the model, else the n-gram drafter; the cost-aware controller decodes plainly whenever drafting does
-not pay) and ``adapt="auto"`` (online adaptation of a ReDrafter head where its trainer, torch, is installed;
-off, with one notice, where it is not).
+Defaults (the same in ``edgespec.load`` and on the command line): ``draft="auto"`` (context n-grams, the
+ReDrafter head shipped for the model on probation, a request's prediction; each step the tree that pays most
+at the measured verify costs, plain decoding where none pays) and ``adapt="auto"`` (online adaptation of the
+head starts only once the head has shown that it pays on this machine, and only where its trainer, torch, is
+installed).
 """
 
 from __future__ import annotations
@@ -111,8 +112,9 @@ def check(model: str, opts: LoadOptions) -> drafters.DraftSpec:
 
 
 def adapting(opts: LoadOptions, spec: drafters.DraftSpec) -> bool:
-    """Online adaptation of a ReDrafter head: asked for (True, or "auto") and its trainer installed."""
-    return spec.kind == "redrafter" and opts.adapt in (True, "auto") and drafters.trainer_available()
+    """Online adaptation of a ReDrafter head: the drafter has a head, adaptation is asked for (True, or "auto":
+    once the head pays) and its trainer is installed."""
+    return spec.head is not None and opts.adapt in (True, "auto") and drafters.trainer_available()
 
 
 def load(model: str = registry.DEFAULT_MODEL, **options) -> Runtime:
@@ -126,22 +128,26 @@ def load(model: str = registry.DEFAULT_MODEL, **options) -> Runtime:
     spec = check(str(model), opts)
     notices: list[str] = []
     adapt = adapting(opts, spec)
-    if spec.kind == "redrafter" and opts.adapt in (True, "auto") and not adapt:  # wanted, but no trainer
+    if spec.head is not None and opts.adapt in (True, "auto") and not adapt:  # wanted, but no trainer
         notices.append("online adaptation is off: it needs torch (pip install 'edgespec[train]')")
     path = registry.resolve(model)
     budget = None
-    if opts.memory_budget is not None:
-        opts, spec, budget = apply_plan(opts, path, spec, adapt)
-        adapt = adapt and spec.kind == "redrafter"
+    if opts.memory_budget is not None:  # adaptation is counted when it is on from the start (adapt=True)
+        opts, spec, budget = apply_plan(opts, path, spec, adapt and opts.adapt is True)
     backend = open_backend(path, opts)
     try:
         # the draft model gets the planned context, KV type and batch: what its declared footprint assumed
         draft_open = lambda p: open_backend(p, dataclasses.replace(opts, backend="llama.cpp", memory_budget=None))
-        drafter = drafters.make(spec, backend, str(model), draft_open, adapt=adapt, notices=notices)
+        drafter = drafters.make(spec, backend, str(model), draft_open)
     except BaseException:
         backend.close()
         raise
-    rt = Runtime(backend, str(model), drafter, opts.draft_width, opts.draft_depth, exact=opts.exact)
+    head = drafters.head_of(drafter)
+    lazy = drafters.LazyAdapter(head, spec.head, str(model)) if adapt and head is not None else None
+    # adapt=True: adapt from the first request; "auto": once the head has shown that it pays on this machine
+    adapter = lazy() if lazy is not None and opts.adapt is True else None
+    rt = Runtime(backend, str(model), drafter, opts.draft_width, opts.draft_depth, exact=opts.exact,
+                 adapter=adapter, make_adapter=lazy if adapter is None else None)
     rt.notices = notices
     if budget is not None:
         rt.plan = budget

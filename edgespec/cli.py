@@ -22,15 +22,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores, at most 8)")
     p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"])
     p.add_argument("--draft", default="auto",
-                   help="speculative drafter: auto (ReDrafter if one exists for the model, else ngram), ngram, "
+                   help="speculative drafter: auto (context n-grams, the model's ReDrafter head while it pays, a "
+                        "request's prediction: per step whichever pays most), ngram, "
                         "redrafter[:<weights.npz>], model:<id> (same-vocabulary draft model), xvocab:<id> (draft "
                         "model with another vocabulary), none (default: auto)")
     p.add_argument("--draft-depth", type=int, default=None, help="fixed draft depth (default: cost-aware controller)")
     p.add_argument("--draft-width", type=int, default=None, help="candidates per draft node / beams")
     p.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=None,
-                   help="adapt a ReDrafter head online to your own traffic, between replies, saved per user "
-                        "(default: on where torch is installed, the `train` extra; `edgespec drafter reset` "
-                        "forgets it)")
+                   help="adapt the ReDrafter head online to your own traffic, between replies, saved per user "
+                        "(--adapt: from the first reply; default: once the head has shown that it pays on this "
+                        "machine, where torch is installed, the `train` extra; `edgespec drafter reset` forgets it)")
     p.add_argument("--exact", action="store_true",
                    help="verify only batches whose logits are bit-identical to plain decoding (greedy output "
                         "identical to --draft none, at some cost in speed)")
@@ -109,7 +110,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if not prompt.strip():
         raise ValueError("empty prompt: pass it as an argument or on stdin")
     opts = _options(a)
-    with _load(a, opts) as rt:  # closing waits for a pending adaptation and saves it
+    with _load(a, opts) as rt:  # closing stops a running adaptation after its step and saves it
         if a.raw:
             gen = rt.stream(prompt, **_gen_kwargs(a))
         else:
@@ -141,7 +142,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from edgespec.memory.planner import parse_size
 
     spec = drafters.parse(a.draft, a.model)
-    adapt = a.adapt and spec.kind == "redrafter" and drafters.trainer_available()
+    adapt = a.adapt is True and spec.head is not None and drafters.trainer_available()  # "auto": counted once it starts
     p = plan_for(registry.resolve(a.model), parse_size(a.memory_budget), a.n_ctx, a.min_ctx, spec, adapt, a.backend)
     print(p.describe())
     return 0
@@ -395,8 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", default="auto", help="drafter to plan for (as for chat), or 'none'")
     p.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "mlx"],
                    help="backend to plan for (MLX holds an f16 KV cache only)")
-    p.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=True,
-                   help="count online adaptation of a ReDrafter head (where torch is installed)")
+    p.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=False,
+                   help="count online adaptation of the ReDrafter head from the start, as loading with --adapt "
+                        "does (default: only what is resident; adaptation that starts later, once the head pays, "
+                        "starts only where the headroom takes it)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("train-drafter", help="collect distillation data from a target and train a ReDrafter head")

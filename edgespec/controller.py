@@ -37,6 +37,8 @@ import numpy as np
 
 from edgespec.models.drafter import DraftTree, TreeShape
 
+REPRICE = 16  # verifies between two pricings of the tree's nodes
+
 
 @dataclass
 class ControllerConfig:
@@ -61,6 +63,8 @@ class Controller:
     memory: object | None = None  # a memory.live.MemoryGuard: caps the tree to the memory headroom
     _plain_streak: int = 0
     _probe_gap: int = 0
+    _costs: tuple[float, ...] | None = None  # node_costs, as last priced
+    _since_priced: int = 0
 
     def __post_init__(self):
         self._probe_gap = self.cfg.probe_every
@@ -104,7 +108,13 @@ class Controller:
         return max(range(self.cfg.max_depth + 1), key=lambda d: (self.expected_rate(d), -d))
 
     def node_costs(self) -> tuple[float, ...]:
-        """Marginal verify cost of each extra node, in plain decoding steps."""
+        """Marginal verify cost of each extra node, in plain decoding steps. Worked out again only every
+        ``REPRICE`` verifies (a few hundred interpolations: ~1 ms, a plain step's worth of Python otherwise)."""
+        if self._costs is None or self._since_priced >= REPRICE:
+            self._costs, self._since_priced = self._price_nodes(), 0
+        return self._costs
+
+    def _price_nodes(self) -> tuple[float, ...]:
         t1 = self.verify_cost(1)
         n = self.cfg.max_nodes
         env = [self.envelope(k + 1) for k in range(n + 1)]
@@ -121,7 +131,8 @@ class Controller:
             if max_nodes == 0:
                 return TreeShape(0)
         if self.cfg.self_gating and self.cfg.fixed_depth is None:
-            return TreeShape(min(self.cfg.max_depth, room, max_nodes), self.cfg.width, max_nodes, self.node_costs())
+            return TreeShape(min(self.cfg.max_depth, room, max_nodes), self.cfg.width, max_nodes, self.node_costs(),
+                             self.step_s())
         depth = min(self.best_depth(), room, max_nodes)
         if depth == 0 and self.cfg.fixed_depth is None:
             self._plain_streak += 1
@@ -132,13 +143,18 @@ class Controller:
         else:
             self._plain_streak = 0
             self._probe_gap = self.cfg.probe_every  # drafting pays: probe often again once it stops paying
-        return TreeShape(depth=depth, width=self.cfg.width, max_nodes=max_nodes)
+        return TreeShape(depth=depth, width=self.cfg.width, max_nodes=max_nodes, step_s=self.step_s())
+
+    def step_s(self) -> float:
+        """Seconds of one plain decoding step, as measured (0 before calibration)."""
+        return self.verify_s.get(1, 0.0)
 
     def observe(self, tree: DraftTree, accepted: list[int], draft_s: float, verify_s: float) -> None:
         a = self.cfg.alpha
         n = len(tree.tokens) + 1
         old = self.verify_s.get(n)
         self.verify_s[n] = verify_s if old is None else (1 - a) * old + a * verify_s
+        self._since_priced += 1
         if not tree.tokens:
             return
         per_node = draft_s / len(tree.tokens)

@@ -1,6 +1,9 @@
 """Drafter construction: a drafter spec (``auto``, ``ngram``, ``redrafter[:<file>]``, ``model:<id>``,
 ``xvocab:<id>``, ``none``) checked before any model loads, its planned memory, and the drafter itself.
 
+``auto`` is the combined default (``models/auto.py``): context n-grams, plus the ReDrafter head shipped or
+trained for the model (on probation: asked only while it pays), plus a request's prediction when given.
+
 This is the one place that turns a spec into a drafter, for the CLI, the API, the benches and the server.
 """
 
@@ -23,11 +26,16 @@ MAX_WIDTH = 8  # the llama.cpp backend verifies trees of at most 8 leaves (n_seq
 
 @dataclass(frozen=True)
 class DraftSpec:
-    kind: str  # none | ngram | redrafter | model | xvocab
-    arg: str = ""  # weights file (redrafter) or model id/path (model, xvocab)
+    kind: str  # none | auto | ngram | redrafter | model | xvocab
+    arg: str = ""  # weights file (redrafter; auto: its head, if any) or model id/path (model, xvocab)
 
     def __str__(self) -> str:
-        return self.kind + (f":{self.arg}" if self.arg else "")
+        return self.kind + (f":{self.arg}" if self.arg and self.kind != "auto" else "")
+
+    @property
+    def head(self) -> Path | None:
+        """The ReDrafter weights this drafter uses, if any."""
+        return Path(self.arg) if self.kind in ("redrafter", "auto") and self.arg else None
 
 
 def redrafter_weights(model: str) -> Path | None:
@@ -41,12 +49,13 @@ def redrafter_weights(model: str) -> Path | None:
 
 
 def parse(spec: str | None, model: str) -> DraftSpec:
-    """Read and check a drafter spec without loading anything: ``auto`` becomes ReDrafter when weights exist
-    for ``model`` and the n-gram drafter otherwise; a missing weights file or model is a ``ModelError``."""
+    """Read and check a drafter spec without loading anything: ``auto`` takes the ReDrafter head of ``model``
+    when one exists; a missing weights file or model is a ``ModelError``."""
     if spec is None or spec in ("", "none"):
         return DraftSpec("none")
     if spec == "auto":
-        return DraftSpec("redrafter", str(redrafter_weights(model))) if redrafter_weights(model) else DraftSpec("ngram")
+        head = redrafter_weights(model)
+        return DraftSpec("auto", str(head) if head else "")
     if spec == "ngram":
         return DraftSpec("ngram")
     if spec == "redrafter" or spec.startswith("redrafter:"):
@@ -100,14 +109,14 @@ def planned_footprint(spec: DraftSpec, adapt: bool = False,
     ``target_vocab``: the target's vocabulary size (a cross-vocabulary drafter maps both vocabularies)."""
     if spec.kind == "none":
         return lambda n_ctx, kv_type, n_batch: {}
-    if spec.kind == "ngram":
-        return lambda n_ctx, kv_type, n_batch: {"ngram_index": NGRAM_BYTES}
-    if spec.kind == "redrafter":
-        from edgespec.models import online, redrafter
+    if spec.kind in ("ngram", "redrafter", "auto"):
+        parts = {"ngram_index": NGRAM_BYTES} if spec.kind in ("ngram", "auto") else {}
+        if spec.head is not None:
+            from edgespec.models import online, redrafter
 
-        parts = {"head": redrafter.declared_bytes(Path(spec.arg))}
-        if adapt:
-            parts.update(online.declared_parts(Path(spec.arg)))
+            parts["head"] = redrafter.declared_bytes(spec.head)
+            if adapt:
+                parts.update(online.declared_parts(spec.head))
         return lambda n_ctx, kv_type, n_batch: dict(parts)
     from edgespec.memory.footprint import DRAFT, llama_footprint, read_shape
 
@@ -122,27 +131,28 @@ def planned_footprint(spec: DraftSpec, adapt: bool = False,
                                             **extra}
 
 
-def make(spec: DraftSpec, target: Backend, model: str, open_backend: Callable[[Path], Backend],
-         adapt: bool = False, notices: list[str] | None = None) -> Drafter | None:
+def make(spec: DraftSpec, target: Backend, model: str, open_backend: Callable[[Path], Backend]) -> Drafter | None:
     """Build the drafter of a parsed spec. ``open_backend(path)`` opens a draft model's backend with the
-    target's planned context, KV type and batch (what ``planned_footprint`` declared). ``adapt``: a ReDrafter
-    adapts online (when torch is installed; otherwise a line is added to ``notices`` and it does not)."""
+    target's planned context, KV type and batch (what ``planned_footprint`` declared). A ReDrafter head starts
+    from this user's adapted state when that state was adapted from these very weights (``head_start``)."""
     if spec.kind == "none":
         return None
-    if spec.kind == "ngram":
+    if spec.kind in ("ngram", "auto"):
+        from edgespec.models.auto import AutoDrafter
         from edgespec.models.ngram import NgramDrafter
 
-        return NgramDrafter()
+        if spec.kind == "ngram":
+            return NgramDrafter()
+        head = None
+        if spec.head is not None:
+            from edgespec.models.redrafter import ReDrafter
+
+            head = ReDrafter(head_start(spec.head, model), Path(target.path), self_gating=True)
+        return AutoDrafter([NgramDrafter()], head)
     if spec.kind == "redrafter":
         from edgespec.models.redrafter import ReDrafter
 
-        weights = Path(spec.arg)
-        if adapt and not trainer_available():
-            if notices is not None:
-                notices.append("online adaptation is off: it needs torch (pip install 'edgespec[train]')")
-            adapt = False
-        return with_adapter(ReDrafter, weights, Path(target.path), model) if adapt else \
-            ReDrafter(weights, Path(target.path))
+        return ReDrafter(head_start(spec.head, model), Path(target.path))
     backend = open_backend(registry.resolve(spec.arg))
     try:
         if spec.kind == "xvocab":
@@ -157,21 +167,54 @@ def make(spec: DraftSpec, target: Backend, model: str, open_backend: Callable[[P
         raise
 
 
-def with_adapter(cls, weights: Path, target_path: Path, model: str):
-    """A ReDrafter that adapts online. It starts from this user's adapted state only when that state was
-    adapted from these very base weights (an explicit or newly trained head wins over an older state)."""
-    from edgespec.models import redrafter
-    from edgespec.models.online import OnlineAdapter, state_path
+def head_of(drafter: Drafter | None):
+    """The ReDrafter head in ``drafter`` (itself, or the combined default's head), else None."""
+    from edgespec.models.auto import AutoDrafter
 
-    state = state_path(registry.cache_dir(), registry.model_key(model))
-    base = redrafter.file_digest(weights)
-    drafter = None
+    if isinstance(drafter, AutoDrafter):
+        return drafter.head
+    return drafter if drafter is not None and drafter.name == "redrafter" else None
+
+
+def _state(model: str) -> Path:
+    from edgespec.models.online import state_path
+
+    return state_path(registry.cache_dir(), registry.model_key(model))
+
+
+def head_start(weights: Path, model: str) -> Path:
+    """The weights a head loads: this user's adapted state when it was adapted from ``weights`` (an explicit or
+    newly trained head wins over an older state), else ``weights``. A corrupt state is ignored with a notice."""
+    from edgespec.models import redrafter
+
+    state = _state(model)
     if state.exists():
         try:
-            if redrafter.read_meta(state).get("base") == base:
-                drafter = cls(state, target_path)
+            if redrafter.read_meta(state).get("base") == redrafter.file_digest(weights):
+                return state
         except ValueError as e:  # corrupt or from another version: start again from the base weights
             print(f"edgespec: ignoring adapted drafter state ({e})", file=sys.stderr)
-    drafter = drafter or cls(weights, target_path)
-    drafter.adapter = OnlineAdapter(drafter, path=state, base=base)
-    return drafter
+    return weights
+
+
+@dataclass
+class LazyAdapter:
+    """Online adaptation of ``head``, made only when called (the runtime calls it once the head has shown that
+    it pays): until then neither torch nor the example buffer is in memory."""
+
+    head: Drafter
+    weights: Path
+    model: str
+
+    @property
+    def bytes(self) -> int:
+        from edgespec.models.online import declared_bytes
+
+        return declared_bytes(self.weights)
+
+    def __call__(self):
+        from edgespec.models import redrafter
+        from edgespec.models.online import OnlineAdapter
+
+        self.head.adapter = OnlineAdapter(self.head, path=_state(self.model), base=redrafter.file_digest(self.weights))
+        return self.head.adapter

@@ -21,10 +21,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from edgespec import background
 from edgespec.backends.base import Backend, KVState
 from edgespec.backends.chat_template import render
 from edgespec.controller import calibrate, controller_for
 from edgespec.generate import Cancel, GenerationConfig, PromptTooLongError, Stats, plain_steps, stream
+from edgespec.memory.live import peak_rss_bytes, rss_bytes
+from edgespec.models.auto import AutoDrafter
 from edgespec.models.drafter import Drafter
 from edgespec.sampling import SamplingParams
 from edgespec.speculative import speculative_steps
@@ -113,6 +116,7 @@ class Generation(Iterator[str]):
         self._inner: Iterator[str] | None = None
         self._saved: KVState | None = None  # our cache while another request has preempted us
         self._done = False
+        self._active = False  # counted in background.ACTIVITY (from the first step to the end)
 
     def __iter__(self) -> Generation:
         return self
@@ -140,13 +144,13 @@ class Generation(Iterator[str]):
             rt.prompt_cache.before(rt.backend, self.prompt)
         drafter, ctl = rt.drafter, rt.controller
         if self.drafter is not None:  # a per-request drafter gets a controller seeded with the measured costs
-            drafter = self.drafter
+            # (asked first, beside the runtime's own sources when those are the combined default)
+            drafter = rt.drafter.with_sources([self.drafter]) if isinstance(rt.drafter, AutoDrafter) else self.drafter
             ctl = controller_for(drafter, costs=dict(rt.controller.verify_s), **rt.exact_caps())
             ctl.memory = rt.controller.memory
         steps = plain_steps if drafter is None else speculative_steps(drafter, ctl)
-        adapter = getattr(rt.drafter, "adapter", None)
-        if adapter is not None:
-            adapter.busy.set()  # an adaptation step in flight stops at its next step
+        background.ACTIVITY.enter()  # background work in this process waits until the request ends
+        self._active = True
         rt.last_stats = self.stats
         self._inner = stream(rt.backend, self.prompt, self.req._config, self.stats, steps=steps,
                              cancel=self.req.cancel, out_tokens=self.tokens,
@@ -170,11 +174,15 @@ class Generation(Iterator[str]):
                     rt.prompt_cache.after(rt.backend)
         finally:
             self._saved = None
-            adapter = getattr(rt.drafter, "adapter", None)
             rt._release(self)
-            if adapter is not None and self._inner is not None:
-                adapter.busy.clear()
-                adapter.start()  # learn from this request between requests, in the background
+            self._leave()
+            if self._inner is not None:
+                rt._after_request()
+
+    def _leave(self) -> None:
+        if self._active:
+            self._active = False
+            background.ACTIVITY.leave()
 
     def close(self) -> None:
         """Stop the request and release the model (safe from any thread, and more than once)."""
@@ -194,10 +202,8 @@ class Generation(Iterator[str]):
         self._done, self._saved = True, None
         if self._inner is not None:
             self._inner.close()  # its cleanup skips the backend, which it no longer owns
-            adapter = getattr(self.rt.drafter, "adapter", None)
-            if adapter is not None:
-                adapter.busy.clear()
         self.rt._release(self)
+        self._leave()
 
     def __del__(self):
         try:
@@ -205,10 +211,8 @@ class Generation(Iterator[str]):
                 # no cleanup on the backend here (a collector may run at any time): the next request trims
                 # the cache to its own prompt
                 self._done = True
-                adapter = getattr(self.rt.drafter, "adapter", None)
-                if adapter is not None and self._inner is not None:
-                    adapter.busy.clear()
                 self.rt._release(self)
+                self._leave()
         except Exception:
             pass
 
@@ -219,12 +223,19 @@ class Generation(Iterator[str]):
 
 class Runtime:
     def __init__(self, backend: Backend, model: str, drafter: Drafter | None = None,
-                 width: int | None = None, fixed_depth: int | None = None, exact: bool = False):
+                 width: int | None = None, fixed_depth: int | None = None, exact: bool = False,
+                 adapter=None, make_adapter=None):
         self.backend = backend
         self.model = model
         self.last_stats: Stats | None = None
         self.drafter = drafter
         self.exact = exact
+        # online adaptation of a ReDrafter head: on from the start (``adapter``), or made by ``make_adapter``
+        # once the head has shown that it pays on this machine (``adapt="auto"``); run by the background worker
+        self.adapter = adapter
+        self.make_adapter = make_adapter
+        if adapter is not None:
+            background.at_exit(self, adapter.close)  # a process that exits without close() keeps what it learned
         self.notices: list[str] = []  # one-line messages from loading (e.g. adaptation switched off)
         self.prompt_cache: PromptCache | None = None
         self.plan = None  # the memory plan, when loaded with a budget
@@ -239,6 +250,25 @@ class Runtime:
             costs = calibrate(backend)  # seed the cost model (~1 s)
             backend.truncate(0)
         self.controller = controller_for(drafter, width, fixed_depth, costs, **self.exact_caps())
+
+    def _after_request(self) -> None:
+        """Between requests: start adapting a head that has shown it pays, and queue a due update."""
+        if self.closed:
+            return
+        if self.adapter is None and self.make_adapter is not None and self.head_pays():
+            need = self.make_adapter.bytes
+            guard = self.controller.memory
+            if guard is None or guard.limit - rss_bytes() >= need:
+                self.adapter, self.make_adapter = self.make_adapter(), None
+                background.at_exit(self, self.adapter.close)  # a process that exits without close() keeps it
+        if self.adapter is not None and self.adapter.pending():
+            background.WORKER.submit(self.adapter, self.adapter.update())
+
+    def head_pays(self) -> bool:
+        """Has the drafter's learned head shown that it pays here (its measured gain per draft positive)?"""
+        if isinstance(self.drafter, AutoDrafter):
+            return self.drafter.head_pays()
+        return self.drafter is not None and self.drafter.name == "redrafter" and self.controller.best_depth() > 0
 
     def exact_caps(self) -> dict:
         """``controller_for``'s exactness limits: the backend's, with ``exact``; none without."""
@@ -391,8 +421,6 @@ class Runtime:
 
     def memory_stats(self) -> dict:
         """Live memory figures: resident set, peak, budget and headroom, KV use, drafter footprint."""
-        from edgespec.memory.live import peak_rss_bytes, rss_bytes
-
         m = self.memory()
         out = {"rss": rss_bytes(), "peak_rss": peak_rss_bytes(), "kv_used": m.kv_used_bytes,
                "kv_reserved": m.kv_reserved_bytes, "weights": m.weights_bytes, "n_cached": m.n_cached, "n_ctx": m.n_ctx,
@@ -412,6 +440,10 @@ class Runtime:
             self.closed = True
             self._set_owner(None)
             self._cond.notify_all()
+        if self.adapter is not None:
+            background.WORKER.cancel(self.adapter)  # a running update step finishes; the rest is dropped
+            self.adapter.close()  # saves what was adapted
+            background.forget(self)
         if self.drafter is not None:
             self.drafter.close()
         self.backend.close()

@@ -100,7 +100,6 @@ def speculative_steps(drafter: Drafter, controller: Controller) -> StepSource:
     def steps(backend: Backend, first: ForwardOut, sp: SamplingParams, rng: PositionRng,
               stats: Stats) -> Iterator[list[int]]:
         drafter.reset()
-        hidden_on = drafter.needs_hidden
         logits = first.logits[-1]
         hidden = first.hidden[-1] if first.hidden is not None else None
         root = sample(logits, sp, None if sp.greedy else rng.at(0))
@@ -114,6 +113,7 @@ def speculative_steps(drafter: Drafter, controller: Controller) -> StepSource:
             if shape.depth > 0:
                 tree = drafter.propose(DraftContext(backend.cached, root, hidden, logits, not sp.greedy), shape)
             t1 = time.perf_counter()
+            hidden_on = drafter.needs_hidden  # read every step: a drafter that will not draft next asks for none
             out = backend.forward([root] + tree.tokens, [-1] + [p + 1 for p in tree.parents], want_hidden=hidden_on)
             t2 = time.perf_counter()
             if sp.greedy or tree.q is None:

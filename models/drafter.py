@@ -28,6 +28,7 @@ class TreeShape:
     width: int = 1  # candidates per node (1 = a chain)
     max_nodes: int = 16
     node_cost: tuple[float, ...] = ()
+    step_s: float = 0.0  # the measured seconds of one plain decoding step (0: not measured yet)
 
     def worth(self, path_prob: float, n_nodes: int) -> bool:
         """Is a node whose path is accepted with ``path_prob`` worth verifying as node ``n_nodes + 1``?"""
@@ -53,12 +54,23 @@ class TreeShape:
                 best_k, best = j + 1, gain
         return best_k
 
+    def gain(self, tree: DraftTree) -> float:
+        """A tree's expected gain over plain decoding, in plain steps: the acceptance chances of its nodes'
+        paths (``tree.p``) less what their verify rows cost. 0 for an empty tree; -inf when ``tree.p`` is
+        unknown (nothing to compare it by)."""
+        if not tree.tokens:
+            return 0.0
+        if tree.p is None:
+            return float("-inf")
+        return sum(tree.p) - sum(self.cost(k) for k in range(len(tree.tokens)))
+
 
 @dataclass
 class DraftTree:
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
     q: list[np.ndarray] | None = None
+    p: list[float] | None = None  # each node's calibrated chance that the target accepts its whole path
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -91,7 +91,7 @@ class NgramDrafter:
 
     def propose(self, ctx: DraftContext, shape: TreeShape) -> DraftTree:
         self._sync(ctx.cached, ctx.root)
-        beams, match_n = [], []
+        beams, match_n, probs = [], [], []
         n_nodes = 0
         for n, cont in self._candidates(shape):
             paths, path = [], 1.0
@@ -102,11 +102,13 @@ class NgramDrafter:
             if keep:
                 beams.append(cont[:keep])
                 match_n.append(n)
+                probs.extend(paths[:keep])  # branches start with distinct tokens: they share no node
                 n_nodes += keep
         if not beams:
             self._last = None
             return DraftTree()
         tree, leaves = pack_beams(beams)
+        tree.p = probs
         node_n = [0] * len(tree.tokens)
         for leaf, n in zip(leaves, match_n, strict=True):
             i = leaf

@@ -21,8 +21,8 @@ declared by ``footprint`` and counted by the planner. What each choice measured 
 (online adaptation): training the rest through the low-rank factors lowered acceptance; one example per
 verify cut at the first rejection gave less than half the gain.
 
-Never in the user's way: ``adapt`` runs between requests in a background thread (``start``), one small
-step at a time, and yields as soon as a request is running (``busy`` is set by the runtime).
+Never in the user's way: ``update`` is a job of short steps that the core's background worker
+(``edgespec.background``) runs only while no request decodes in the process, at the lowest OS priority.
 State persists per user and target (``state_path``): written atomically (temporary file, fsync,
 rename) with a format version and a SHA-256, so a crash mid-save leaves the previous state loadable.
 ``edgespec drafter reset`` deletes it; ``enabled=False`` turns adaptation off.
@@ -30,8 +30,10 @@ rename) with a format version and a SHA-256, so a crash mid-save leaves the prev
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,9 +120,7 @@ class OnlineAdapter:
         self.n = 0  # examples recorded in total
         self.new = 0  # since the last update
         self.updates = 0
-        self.busy = threading.Event()  # set by the runtime while a request runs
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
         self._p: dict | None = None
         self._opt = None
         self._seq: list[tuple] = []  # this request's last positions, waiting for the ones after them
@@ -176,13 +176,20 @@ class OnlineAdapter:
     def pending(self) -> bool:
         return self.cfg.enabled and self.new >= self.cfg.min_new
 
-    def adapt(self, stop: threading.Event | None = None) -> int:
-        """Run the update's steps (fewer if ``stop`` gets set); swap the weights in. Returns steps taken."""
+    def adapt(self) -> int:
+        """Run a whole update now, in the calling thread (benches, tests). Returns the steps taken."""
+        return sum(1 for _ in self.update())
+
+    def update(self) -> Iterator[None]:
+        """One update as short steps: each ``next()`` takes one AdamW step (a few ms at the default batch), so
+        the background worker can stop between any two. The new weights are swapped into the drafter after the
+        last step; an update that is dropped part-way leaves the drafter's weights as they were."""
         return_large_frees()  # the training steps' large temporaries go back to the system (see footprint)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no OpenMP worker spinning between steps
         import torch
         from edgespec.models.train_redrafter import distill_kl
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(1)  # the step runs on the calling thread: no pool competes with llama.cpp
         self.end_request()
         d, cfg = self.d, self.cfg
         if self._p is None:  # the trainable copy and its optimizer live across updates
@@ -192,10 +199,7 @@ class OnlineAdapter:
             self._opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
         p = self._p
         rng = np.random.default_rng([cfg.seed, self.updates])
-        taken = 0
         for _ in range(cfg.steps):
-            if stop is not None and stop.is_set():
-                break
             with self._lock:
                 idx = rng.integers(0, min(self.n, cfg.capacity), cfg.batch)
                 h, toks = self.h[idx].astype(np.float32), self.tokens[idx]
@@ -204,13 +208,14 @@ class OnlineAdapter:
             self._opt.zero_grad()
             loss.backward()
             self._opt.step()
-            taken += 1
-        if taken:
-            new = {k: (v.detach().numpy().copy() if k in TRAINED else d.p_np[k]) for k, v in p.items()}
-            d.set_params(new)
-            self.updates += 1
-            self.new = 0
-        return taken
+            yield
+        new = {k: (v.detach().numpy().copy() if k in TRAINED else d.p_np[k]) for k, v in p.items()}
+        d.set_params(new)
+        self.updates += 1
+        self.new = 0
+        self._dirty = True
+        if time.monotonic() - self._saved_at >= self.cfg.save_every_s:
+            self.save()
 
     def _loss(self, torch, p, h, toks, ids, lp, distill_kl):
         d = self.d
@@ -251,27 +256,9 @@ class OnlineAdapter:
         cols = np.where(want >= 0, np.searchsorted(cand, np.maximum(want, 0)), -1)
         return logq, cols
 
-    # ---- background thread and persistence ---------------------------------------------------------
-    def start(self) -> None:
-        """Adapt in a background thread if an update is due and no request is running."""
-        if not self.pending() or self.busy.is_set() or (self._thread and self._thread.is_alive()):
-            return
-        self._thread = threading.Thread(target=self._background, daemon=True)
-        self._thread.start()
-
-    def _background(self) -> None:
-        if self.adapt(stop=self.busy):
-            self._dirty = True
-            if time.monotonic() - self._saved_at >= self.cfg.save_every_s:
-                self.save()
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-
+    # ---- persistence -----------------------------------------------------------------------------
     def close(self) -> None:
-        """Finish a running update and write the state if it changed since the last save."""
-        self.wait()
+        """Write the state if it changed since the last save (the runtime first stops a running update)."""
         if self._dirty:
             self.save()
 

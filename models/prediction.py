@@ -94,7 +94,7 @@ class PredictionDrafter:
         if not keep:  # not confident enough: decode plainly, and let the estimate drift back to the prior
             self.acc_first[n] += self.cfg.recover * (prior_first(n) - self.acc_first[n])
             return DraftTree()
-        tree = DraftTree(tokens=cont[:keep], parents=list(range(-1, keep - 1)))
+        tree = DraftTree(tokens=cont[:keep], parents=list(range(-1, keep - 1)), p=paths[:keep])
         self._last, self._end, self._n = tree, end, n
         return tree
 

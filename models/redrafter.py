@@ -314,7 +314,8 @@ class ReDrafter:
                     break
                 kept.append(key)
         tree, _ = pack_beams([list(k) for k in kept])
-        self._last = (tree, [cands[k] for k in _node_keys(tree)])
+        tree.p = [cands[k] for k in _node_keys(tree)]
+        self._last = (tree, tree.p)
         return tree
 
     def _calibrated(self, p: float, depth: int) -> float:
