@@ -30,6 +30,7 @@ import uvicorn
 
 from edgespec.server_app import Server, ServerConfig, create_app
 from edgespec.server_engine import Engine, Job
+from edgespec.server_guard import is_loopback
 from edgespec.server_metrics import prometheus
 
 __all__ = ["Engine", "Job", "Server", "ServerConfig", "create_app", "main", "prometheus"]
@@ -43,6 +44,14 @@ def ready_lines(host: str, port: int, srv: Server) -> list[str]:
     return [f"edgespec: serving {srv.cfg.model_name} (context {rt.backend.n_ctx}, drafter "
             f"{rt.drafter.name if rt.drafter else 'none'}) at {base}/v1  (Ctrl-C stops)",
             f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'"]
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning for a server that other machines can reach without a key."""
+    if is_loopback(host) or api_key:
+        return None
+    return (f"edgespec: warning: listening on {host} without an API key: anyone who can reach this address can use "
+            "the model (set --api-key or EDGESPEC_API_KEY)")
 
 
 def main(a) -> int:
@@ -61,9 +70,21 @@ def main(a) -> int:
         raise ValueError(f"--max-queue must be >= 0, not {a.max_queue}")
     if not 0 <= a.stream_interval <= 10_000:
         raise ValueError(f"--stream-interval must be between 0 and 10000 ms, not {a.stream_interval}")
+    if a.max_tokens is not None and a.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, not {a.max_tokens}")
+    if a.request_timeout is not None and not a.request_timeout > 0:
+        raise ValueError(f"--request-timeout must be > 0 seconds, not {a.request_timeout}")
+    max_body = parse_size(a.max_body) if a.max_body is not None else None
+    if max_body is not None and max_body < 1024:
+        raise ValueError(f"--max-body must be at least 1KB, not {a.max_body}")
     cfg = ServerConfig(model_name=a.model, api_key=a.api_key or os.environ.get("EDGESPEC_API_KEY") or None,
                        max_queue=a.max_queue, cache_entries=a.cache_entries, cache_bytes=parse_size(a.cache_size),
-                       default_max_tokens=a.max_tokens, stream_interval=a.stream_interval / 1000)
+                       default_max_tokens=a.max_tokens, stream_interval=a.stream_interval / 1000, host=a.host,
+                       allow_hosts=tuple(a.allow_host), cors_origins=tuple(a.cors_origin), max_body=max_body,
+                       request_timeout=a.request_timeout)
+    warning = exposure_warning(a.host, cfg.api_key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     srv = Server(cfg)
     userver = _Uvicorn(uvicorn.Config(create_app(srv), host=a.host, port=a.port, log_level=a.log_level,
                                       timeout_graceful_shutdown=5), on_exit=srv.cancel_all)

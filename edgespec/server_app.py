@@ -4,39 +4,50 @@ with its routes and error handlers, and the response of a request (whole or stre
 from __future__ import annotations
 
 import asyncio
-import hmac
 import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Annotated
 
 from fastapi import Depends, FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgespec import __version__
 from edgespec.api_models import ChatRequest, CompletionRequest, unsupported
 from edgespec.prompt_cache import PromptCache, PromptCacheConfig, budget_cap, live_headroom
 from edgespec.runtime import ClosedError, Runtime
-from edgespec.server_engine import Engine, Job, QueueFull
+from edgespec.server_engine import Engine, Job, QueueFull, Ticket
+from edgespec.server_guard import Guard, allowed_hosts, key_matches
 from edgespec.server_metrics import CountRequests, Metrics, prometheus
-from edgespec.server_openai import APIError, Reply, internal_error, param_of
-from edgespec.server_prepare import Prepared, prepare, prepare_chat, prepare_completion
+from edgespec.server_openai import APIError, Reply, SafeJSONResponse, internal_error, param_of
+from edgespec.server_prepare import DEFAULT_CHAT_MAX_TOKENS, Prepared, prepare, prepare_chat, prepare_completion
+
+
+def default_max_body(n_ctx: int) -> int:
+    """Bytes a request body may have by default: room for a prompt and a prediction of the whole context
+    (64 bytes per token of context, JSON escapes included) plus 64 KiB for the rest."""
+    return 64 * n_ctx + (64 << 10)
 
 
 @dataclass
 class ServerConfig:
     model_name: str = "edgespec"
     api_key: str | None = None
-    max_queue: int = 16
+    max_queue: int = 16  # requests that may wait besides the running one
     cache_entries: int = 8  # conversations kept by the prompt cache (0: off)
     cache_bytes: int = 1 << 30  # its byte cap (under a memory budget: at most what the plan leaves free)
-    default_max_tokens: int | None = None  # for chat requests that set no limit (None: up to the context)
+    default_max_tokens: int | None = DEFAULT_CHAT_MAX_TOKENS  # for chat requests that set none (None: the context)
     stream_interval: float = 0.0  # seconds between streamed chunks at most (0: a chunk per token)
+    host: str = "127.0.0.1"  # the bind address: on a loopback bind the Host header is checked
+    allow_hosts: tuple[str, ...] = ()  # more host names a loopback bind answers for
+    cors_origins: tuple[str, ...] = ()  # origins allowed by CORS (none: CORS off)
+    max_body: int | None = None  # bytes of a request body (None: ``default_max_body`` of the context)
+    request_timeout: float | None = None  # seconds a request may take from its arrival (None: no limit)
 
 
 class Server:
@@ -67,11 +78,41 @@ class Server:
 
     def ready(self) -> Runtime:
         if self.rt is None or self.engine is None:
-            msg = f"the model failed to load: {self.load_error}" if self.load_error else "the model is loading"
+            msg = "the model failed to load (the server's log says why)" if self.load_error else "the model is loading"
             raise APIError(503, msg, "unavailable_error", code="model_loading" if not self.load_error else None)
         if self.rt.closed:
             raise APIError(503, "the server is shutting down", "unavailable_error")
         return self.rt
+
+    def max_body(self) -> int:
+        if self.cfg.max_body is not None:
+            return self.cfg.max_body
+        return default_max_body(self.rt.backend.n_ctx if self.rt is not None and not self.rt.closed else 16384)
+
+    def admit(self) -> Ticket:
+        """A place in the queue for a new request, before it is prepared (429 or 503 if there is none)."""
+        engine = self.engine
+        try:
+            return engine.admit()
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy: {e}; retry later", "rate_limit_exceeded", code="queue_full",
+                           headers={"Retry-After": str(engine.retry_after())}) from e
+        except ClosedError as e:
+            raise APIError(503, str(e), "unavailable_error") from e
+
+    async def serve(self, fn, body, http: HttpRequest, chat: bool):
+        """Admit, prepare (``fn`` in a worker thread) and answer a request."""
+        rt = self.ready()
+        bad = unsupported(body)
+        if bad:
+            raise APIError(400, bad[1], param=bad[0], code="unsupported_parameter")
+        ticket = self.admit()
+        try:
+            prep = await prepare(fn, rt, body, *((self.cfg.default_max_tokens,) if chat else ()))
+        except BaseException:
+            ticket.release()
+            raise
+        return await self.respond(prep, http, body, chat, ticket)
 
     def cancel_all(self) -> None:
         if self.engine is not None:
@@ -85,16 +126,17 @@ class Server:
         if self.rt is not None:
             self.rt.close()
 
-    async def respond(self, prep: Prepared, http: HttpRequest, body, chat: bool):
+    async def respond(self, prep: Prepared, http: HttpRequest, body, chat: bool, ticket: Ticket):
         engine = self.engine
         job = Job(prep.tokens, prep.req, asyncio.get_running_loop(), prep.drafter, cancel=prep.req.cancel,
-                  interval=self.cfg.stream_interval if body.stream else math.inf)
+                  interval=self.cfg.stream_interval if body.stream else math.inf, ticket=ticket)
+        if self.cfg.request_timeout is not None:
+            job.deadline = time.monotonic() + self.cfg.request_timeout
+        prep.req.cancel = job.stopped  # checked before every decoding step
         try:
             engine.submit(job)
-        except QueueFull as e:
-            raise APIError(429, f"the server is busy: {e}; retry later", "rate_limit_exceeded", code="queue_full",
-                           headers={"Retry-After": str(engine.retry_after())}) from e
         except ClosedError as e:
+            ticket.release()
             raise APIError(503, str(e), "unavailable_error") from e
         reply = Reply(self, prep, chat, body.stream_options is not None and bool(body.stream_options.include_usage))
         if body.stream:
@@ -112,10 +154,11 @@ class Server:
                 elif kind == "error":
                     raise internal_error(value)
                 elif kind == "done":
-                    return JSONResponse(reply.whole("".join(parts), value, job))
+                    return SafeJSONResponse(reply.whole("".join(parts), value, job))
         finally:
             watcher.cancel()
             job.cancel.set()  # no-op once done; stops the request if this handler was cancelled
+            engine.remove(job)  # a client that left while it waited gives its place back
 
 
 async def watch_disconnect(http: HttpRequest, cancel: threading.Event) -> None:
@@ -127,17 +170,16 @@ async def watch_disconnect(http: HttpRequest, cancel: threading.Event) -> None:
             return
 
 
+# declares the key in the OpenAPI schema (and /docs); the guard checks it, before the body is read
 _bearer = HTTPBearer(auto_error=False, description="the server's API key (--api-key or EDGESPEC_API_KEY)")
+KEYED = [Depends(_bearer)]
 
 
 def create_app(srv: Server) -> FastAPI:
-    app = FastAPI(title="edgespec", version=__version__,
+    """The app: routes and error handlers behind the guard (``server_guard``), CORS only for
+    ``cors_origins``, and every response counted for ``/metrics``."""
+    app = FastAPI(title="edgespec", version=__version__, default_response_class=SafeJSONResponse,
                   description="OpenAI-compatible local server with speculative decoding under a memory budget")
-    async def auth(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-        key = srv.cfg.api_key
-        if key and (creds is None or not hmac.compare_digest(creds.credentials.encode(), key.encode())):
-            raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
-                           code="invalid_api_key")
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
@@ -163,27 +205,17 @@ def create_app(srv: Server) -> FastAPI:
     async def crash(_, e: Exception):
         return internal_error(e).response()
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
+    @app.post("/v1/chat/completions", dependencies=KEYED)
     async def chat_completions(body: ChatRequest, http: HttpRequest):
         """Chat completion (OpenAI API): streamed with ``"stream": true``."""
-        srv.ready()
-        bad = unsupported(body)
-        if bad:
-            raise APIError(400, bad[1], param=bad[0], code="unsupported_parameter")
-        prep = await prepare(prepare_chat, srv.ready(), body, srv.cfg.default_max_tokens)
-        return await srv.respond(prep, http, body, chat=True)
+        return await srv.serve(prepare_chat, body, http, chat=True)
 
-    @app.post("/v1/completions", dependencies=[Depends(auth)])
+    @app.post("/v1/completions", dependencies=KEYED)
     async def completions(body: CompletionRequest, http: HttpRequest):
         """Text completion of a raw prompt (OpenAI's legacy API)."""
-        srv.ready()
-        bad = unsupported(body)
-        if bad:
-            raise APIError(400, bad[1], param=bad[0], code="unsupported_parameter")
-        prep = await prepare(prepare_completion, srv.ready(), body)
-        return await srv.respond(prep, http, body, chat=False)
+        return await srv.serve(prepare_completion, body, http, chat=False)
 
-    @app.get("/v1/models", dependencies=[Depends(auth)])
+    @app.get("/v1/models", dependencies=KEYED)
     async def models():
         """The loaded model, with its context size."""
         rt = srv.ready()
@@ -194,17 +226,27 @@ def create_app(srv: Server) -> FastAPI:
                          "drafter": rt.drafter.name if rt.drafter is not None else None}}]}
 
     @app.get("/health")
-    async def health():
-        """200 once the model is loaded, 503 while it loads."""
+    async def health(http: HttpRequest):
+        """200 once the model is loaded, 503 while it loads; the model and a load error only with the key
+        (when one is set)."""
+        key = srv.cfg.api_key
+        details = not key or key_matches(http.headers.get("authorization"), key)
         if srv.rt is None:
-            status = "error" if srv.load_error else "loading"
-            return JSONResponse({"status": status, "error": srv.load_error}, status_code=503)
-        return {"status": "ok", "model": srv.cfg.model_name}
+            out = {"status": "error" if srv.load_error else "loading"}
+            if details and srv.load_error:
+                out["error"] = srv.load_error
+            return SafeJSONResponse(out, status_code=503)
+        return {"status": "ok", "model": srv.cfg.model_name} if details else {"status": "ok"}
 
-    @app.get("/metrics", dependencies=[Depends(auth)], response_class=PlainTextResponse)
+    @app.get("/metrics", dependencies=KEYED, response_class=PlainTextResponse)
     async def metrics():
         """Prometheus text format."""
         return PlainTextResponse(prometheus(srv), media_type="text/plain; version=0.0.4")
 
+    cfg = srv.cfg
+    app.add_middleware(Guard, hosts=allowed_hosts(cfg.host, cfg.allow_hosts), key=cfg.api_key, max_body=srv.max_body)
+    if cfg.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(CountRequests, metrics=srv.metrics)
     return app

@@ -14,6 +14,25 @@ from edgespec.models.prediction import PredictionDrafter
 from edgespec.runtime import ClosedError, Request, Runtime
 
 
+class QueueFull(RuntimeError):
+    """More requests than ``--max-queue`` wait for the model."""
+
+
+class RequestTimeout(RuntimeError):
+    """The request ran past ``--request-timeout``."""
+
+
+class Ticket:
+    """A request's place in the engine, from admission (before its prompt is tokenized) to its end."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.held = engine, True
+
+    def release(self) -> None:
+        """Give the place back (once; later calls do nothing)."""
+        self.engine._release(self)
+
+
 @dataclass
 class Job:
     """One request on its way through the queue. The worker reports ``("start", queued_s)``,
@@ -26,6 +45,9 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     submitted: float = field(default_factory=time.perf_counter)
+    ticket: Ticket | None = None  # released when the job ends or leaves the queue
+    deadline: float | None = None  # time.monotonic() after which the request is cut (--request-timeout)
+    reason: str | None = None  # why the server cut the request: "shutdown" or "timeout"
     # text is handed to the event loop at most once per ``interval`` seconds (the first piece at once; inf:
     # only with the end): each hand-over wakes the loop and the client, and on a 2-core machine every wake-up
     # takes a core from the decoding threads
@@ -34,6 +56,27 @@ class Job:
     _scheduled: bool = False
     _last: float = -math.inf
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def stopped(self) -> bool:
+        """The request's ``cancel``: the client left, the server stops, or the deadline has passed."""
+        if self.cancel.is_set():
+            return True
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.cut("timeout")
+            return True
+        return False
+
+    def cut(self, reason: str) -> None:
+        """The server stops the request (the client is told why)."""
+        if self.reason is None:
+            self.reason = reason
+        self.cancel.set()
+
+    def error(self) -> Exception:
+        """What the client is told about a request that stopped early."""
+        if self.reason == "timeout":
+            return RequestTimeout("the request took longer than the server's --request-timeout")
+        return ClosedError("the server is shutting down" if self.reason == "shutdown" else "the request was cancelled")
 
     def emit(self, kind: str, value=None) -> None:
         if kind == "chunk" and self.interval > 0:
@@ -74,21 +117,18 @@ class Job:
             pass
 
 
-class QueueFull(RuntimeError):
-    pass
-
-
 class Engine:
     """A bounded FIFO of requests served one at a time by one worker thread."""
 
     def __init__(self, rt: Runtime, max_queue: int, on_done=None):
         self.rt = rt
-        self.max_queue = max_queue
+        self.max_queue = max_queue  # requests that may wait besides the running one
         self.on_done = on_done  # called in the worker with (job, generation) after each request
         self.current: Job | None = None
         self.generated = 0  # tokens generated so far, counted at every step (live)
         self.mean_s = 1.0  # running mean of a request's time, for Retry-After
         self._jobs: deque[Job] = deque()
+        self._admitted = 0  # requests being prepared, waiting or running
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="edgespec-engine", daemon=True)
@@ -98,14 +138,38 @@ class Engine:
     def waiting(self) -> int:
         return len(self._jobs)
 
-    def submit(self, job: Job) -> None:
+    def admit(self) -> Ticket:
+        """A place for a new request, taken before it is prepared: ``QueueFull`` when ``max_queue`` requests
+        besides the running one are already admitted (counted from the first, even while the worker idles)."""
         with self._cond:
             if self._stopping:
                 raise ClosedError("the server is shutting down")
-            if self.current is not None and len(self._jobs) >= self.max_queue:
-                raise QueueFull(f"{len(self._jobs)} requests are waiting (--max-queue {self.max_queue})")
+            if self._admitted > self.max_queue:
+                raise QueueFull(f"{self._admitted - 1} requests are waiting (--max-queue {self.max_queue})")
+            self._admitted += 1
+            return Ticket(self)
+
+    def _release(self, ticket: Ticket) -> None:
+        with self._cond:
+            if ticket.held:
+                ticket.held = False
+                self._admitted -= 1
+
+    def submit(self, job: Job) -> None:
+        """Queue an admitted job (its ``ticket``)."""
+        with self._cond:
+            if self._stopping:
+                raise ClosedError("the server is shutting down")
             self._jobs.append(job)
             self._cond.notify_all()
+
+    def remove(self, job: Job) -> None:
+        """Take a job out of the queue if it still waits there (its client left) and give its place back."""
+        with self._cond:
+            if job in self._jobs:
+                self._jobs.remove(job)
+                if job.ticket is not None:
+                    job.ticket.release()
 
     def retry_after(self) -> int:
         return max(1, min(60, math.ceil(self.mean_s * (len(self._jobs) + 1))))
@@ -115,7 +179,7 @@ class Engine:
         with self._cond:
             self._stopping = True
             for job in list(self._jobs) + ([self.current] if self.current else []):
-                job.cancel.set()
+                job.cut("shutdown")
             self._cond.notify_all()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -135,10 +199,12 @@ class Engine:
             finally:
                 with self._cond:
                     self.current = None
+                if job.ticket is not None:
+                    job.ticket.release()
 
     def _serve(self, job: Job) -> None:
-        if job.cancel.is_set():  # the client left (or the server stops) while it waited
-            job.emit("error", ClosedError("cancelled before it started"))
+        if job.stopped():  # the client left, the server stops, or the time ran out while it waited
+            job.emit("error", job.error())
             return
         t0 = time.perf_counter()
         job.emit("start", t0 - job.submitted)
@@ -154,7 +220,11 @@ class Engine:
             self.generated += len(gen.tokens) - counted
             if self.on_done is not None:
                 self.on_done(job, gen)
-            job.emit("done", gen)
+            # cut by the server (shutdown, timeout): an error, so that the answer never looks complete
+            if gen.stats.finish_reason == "cancelled" and job.reason:
+                job.emit("error", job.error())
+            else:
+                job.emit("done", gen)
         except Exception as e:  # reported to the client; the server goes on
             job.emit("error", e)
         finally:

@@ -4,7 +4,9 @@ server-sent event chunks (``Reply``), ``usage`` and edgespec's own ``edgespec`` 
 from __future__ import annotations
 
 import json
+import sys
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -15,6 +17,7 @@ from edgespec import __version__
 from edgespec import tools as toolcalls
 from edgespec.generate import PromptTooLongError, Stats
 from edgespec.runtime import ClosedError
+from edgespec.server_engine import RequestTimeout
 
 if TYPE_CHECKING:
     from edgespec.server_app import Server
@@ -38,7 +41,25 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        return SafeJSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def dumps(obj) -> str:
+    """JSON text that always encodes as UTF-8: non-ASCII as is, unless a string holds a lone surrogate (a
+    model may write ``"\\ud800"`` in a tool call's JSON), which is then escaped."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, separators=(",", ":"))
+    return text
+
+
+class SafeJSONResponse(JSONResponse):
+    """A JSON response that cannot fail to encode (``dumps``)."""
+
+    def render(self, content) -> bytes:
+        return dumps(content).encode("utf-8")
 
 
 def param_of(loc: tuple) -> str | None:
@@ -59,11 +80,20 @@ def value_error(e: ValueError) -> APIError:
 
 
 def internal_error(e: BaseException) -> APIError:
+    """The error object for an exception raised while serving a request. An unexpected one is written to the
+    server's log and the client gets a generic message: its text may hold paths or llama.cpp's logs."""
+    if isinstance(e, APIError):
+        return e
     if isinstance(e, PromptTooLongError):
         return APIError(400, str(e), code="context_length_exceeded")
     if isinstance(e, ClosedError):
-        return APIError(503, "the server is shutting down", "unavailable_error")
-    return APIError(500, f"{type(e).__name__}: {e}", "server_error")
+        return APIError(503, str(e), "unavailable_error", code="unavailable")
+    if isinstance(e, RequestTimeout):
+        return APIError(503, str(e), "unavailable_error", code="request_timeout")
+    print("edgespec: a request failed:", file=sys.stderr)
+    traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+    return APIError(500, "the server failed to answer this request (the server's log has the details)",
+                    "server_error", code="internal_error")
 
 
 class Reply:
@@ -160,9 +190,9 @@ class Reply:
                         continue
                     for d in deltas(stream.push(value)) if stream else [{"content": value}]:
                         yield sse_line(self._chunk(d))
-                elif kind == "error":
-                    yield sse_line(internal_error(value).body())
-                    break
+                elif kind == "error":  # an error event and no [DONE]: the answer is not complete
+                    yield "event: error\n" + sse_line(internal_error(value).body())
+                    return
                 elif kind == "done":
                     if stream is not None:
                         for d in deltas(stream.finish()):
@@ -179,7 +209,8 @@ class Reply:
             yield "data: [DONE]\n\n"
         finally:
             job.cancel.set()  # the client went away (or the stream ended): stop decoding for it
+            self.srv.engine.remove(job)  # and if it still waits for the model, its place is free
 
 
 def sse_line(obj: dict) -> str:
-    return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+    return "data: " + dumps(obj) + "\n\n"
