@@ -19,9 +19,19 @@ class FakeBackend:
     def __init__(self):
         self.cached: list[int] = []
         self.loads = 0
+        self.saves = 0  # states copied
 
     def save_state(self) -> KVState:
+        self.saves += 1
         return KVState(list(self.cached), None, 10 * len(self.cached))
+
+    def memory(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(kv_bytes_per_token=10)
+
+    def truncate(self, n: int) -> None:
+        self.cached = self.cached[:n]
 
     def load_state(self, state: KVState) -> None:
         self.cached = list(state.tokens)
@@ -295,3 +305,54 @@ def test_a_server_reachable_from_other_machines_without_a_key_warns():
     assert exposure_warning("192.168.1.5", "") is not None
     assert exposure_warning("0.0.0.0", "key") is None and exposure_warning("127.0.0.1", None) is None
     assert exposure_warning("::1", None) is None and exposure_warning("localhost", None) is None
+
+
+def test_prompt_cache_checks_room_before_copying_and_never_evicts_for_an_oversize_state():
+    b = FakeBackend()
+    cache = PromptCache(PromptCacheConfig(max_entries=4, max_bytes=1000, min_tokens=8))
+    b.run(conv(1, 40), cache)
+    b.run(conv(2, 40), cache)  # conversation 1 saved (~450 bytes)
+    assert len(cache) == 1 and b.saves == 1
+    b.run(conv(3, 200), cache)  # conversation 2 saved
+    b.run(conv(4, 20), cache)  # conversation 3 (~2000 bytes) is over the cap: not even copied
+    assert b.saves == 2 and cache.stats.skipped == 1
+    assert {e.tokens[1] // 100 for e in cache.entries.values()} == {1, 2}  # and nothing was evicted for it
+    off = PromptCache(PromptCacheConfig(max_bytes=0, min_tokens=8))
+    b = FakeBackend()
+    for k in range(1, 5):
+        b.run(conv(k, 40), off)
+    assert b.saves == 0  # a cap of 0 copies nothing
+    tight = PromptCache(PromptCacheConfig(min_tokens=8), headroom=lambda: 100)
+    b = FakeBackend()
+    b.run(conv(1, 40), tight)
+    b.run(conv(2, 40), tight)
+    assert b.saves == 0 and tight.stats.skipped == 1  # more than the memory headroom: not copied
+
+
+def test_prompt_cache_failures_never_fail_the_request():
+    class Failing(FakeBackend):
+        fail_load = fail_save = False
+
+        def load_state(self, state):
+            if self.fail_load:
+                self.cached = []  # as llama.cpp's: the cache is cleared before the bytes are set
+                raise RuntimeError("llama.cpp could not restore a saved KV state")
+            super().load_state(state)
+
+        def save_state(self):
+            if self.fail_save:
+                raise MemoryError
+            return super().save_state()
+
+    b, cache = Failing(), PromptCache(PromptCacheConfig(min_tokens=8))
+    a1 = conv(1, 60)
+    b.run(a1, cache)
+    b.run(conv(2, 60), cache)
+    assert len(cache) == 1
+    b.fail_load = True
+    assert b.run(a1 + [5, 5], cache) == 0  # the request goes on: its whole prompt evaluated again
+    kept = lambda: {e.tokens[1] // 100 for e in cache.entries.values()}  # noqa: E731
+    assert kept() == {2} and cache.stats.failures == 1  # the state that failed is gone (2 was saved on the way)
+    b.fail_load, b.fail_save = False, True
+    b.run(conv(3, 60), cache)  # saving a1's cache fails: no error either
+    assert kept() == {2} and cache.stats.failures == 2
