@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
 import time
 from dataclasses import dataclass
 
@@ -142,7 +141,7 @@ class Server:
         if body.stream:
             return StreamingResponse(reply.sse(job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        watcher = asyncio.create_task(watch_disconnect(http, job.cancel))
+        watcher = asyncio.create_task(watch_disconnect(http, job, engine))
         try:
             parts = []
             while True:
@@ -161,12 +160,14 @@ class Server:
             engine.remove(job)  # a client that left while it waited gives its place back
 
 
-async def watch_disconnect(http: HttpRequest, cancel: threading.Event) -> None:
-    """Set ``cancel`` when the client hangs up (the body has been read, so only a disconnect can come)."""
+async def watch_disconnect(http: HttpRequest, job: Job, engine: Engine) -> None:
+    """Stop ``job`` when the client hangs up (the body has been read, so only a disconnect can come): its
+    request stops at the next step, or leaves the queue if it still waits."""
     while True:
         message = await http.receive()
         if message["type"] == "http.disconnect":
-            cancel.set()
+            job.cancel.set()
+            engine.remove(job)
             return
 
 

@@ -164,12 +164,16 @@ class Engine:
             self._cond.notify_all()
 
     def remove(self, job: Job) -> None:
-        """Take a job out of the queue if it still waits there (its client left) and give its place back."""
+        """Take a job out of the queue if it still waits there (its client left) and give its place back; its
+        handler, if it still waits for events, gets an error."""
         with self._cond:
-            if job in self._jobs:
-                self._jobs.remove(job)
-                if job.ticket is not None:
-                    job.ticket.release()
+            if job not in self._jobs:
+                return
+            self._jobs.remove(job)
+            if job.ticket is not None:
+                job.ticket.release()
+        job.cancel.set()
+        job.emit("error", job.error())
 
     def retry_after(self) -> int:
         return max(1, min(60, math.ceil(self.mean_s * (len(self._jobs) + 1))))

@@ -124,6 +124,14 @@ def test_a_client_that_leaves_the_queue_frees_its_place(served):
                 while engine.waiting and time.time() < deadline:
                     time.sleep(0.02)
                 assert engine.waiting == 0
+                # the same for a client waiting for a whole answer (it gives up: the model is held, no answer comes)
+                with pytest.raises(httpx.ReadTimeout):
+                    httpx.post(served.url + CHAT, json={**body, "stream": False}, timeout=httpx.Timeout(60, read=1.0),
+                               headers={"Authorization": f"Bearer {KEY}"})
+                deadline = time.time() + 10
+                while engine.waiting and time.time() < deadline:
+                    time.sleep(0.02)
+                assert engine.waiting == 0
                 with c.stream("POST", CHAT, json=body) as third:
                     assert third.status_code == 200  # not 429
                     hold.close()
