@@ -43,8 +43,8 @@ def _with_sentinels(messages: list[dict], mark: str) -> tuple[list[dict], list[s
             calls = []
             for c in m["tool_calls"]:
                 c = dict(c) if isinstance(c, dict) else c
-                if isinstance(c, dict) and isinstance(c.get("function"), dict):
-                    c["function"] = {**c["function"], "name": sub(c["function"].get("name"))}
+                if isinstance(c, dict) and isinstance(c.get("function"), dict) and "name" in c["function"]:
+                    c["function"] = {**c["function"], "name": sub(c["function"]["name"])}
                 calls.append(c)
             m["tool_calls"] = calls
         out.append(m)
