@@ -101,6 +101,7 @@ class Server:
 
     async def serve(self, fn, body, http: HttpRequest, chat: bool):
         """Admit, prepare (``fn`` in a worker thread) and answer a request."""
+        arrived = time.monotonic()
         rt = self.ready()
         bad = unsupported(body)
         if bad:
@@ -111,7 +112,7 @@ class Server:
         except BaseException:
             ticket.release()
             raise
-        return await self.respond(prep, http, body, chat, ticket)
+        return await self.respond(prep, http, body, chat, ticket, arrived)
 
     def cancel_all(self) -> None:
         if self.engine is not None:
@@ -125,12 +126,15 @@ class Server:
         if self.rt is not None:
             self.rt.close()
 
-    async def respond(self, prep: Prepared, http: HttpRequest, body, chat: bool, ticket: Ticket):
+    async def respond(self, prep: Prepared, http: HttpRequest, body, chat: bool, ticket: Ticket, arrived: float):
+        """Queue the prepared request and answer it: whole, or as server-sent events. ``--request-timeout``
+        counts from ``arrived`` (time.monotonic()) and is checked before every decoding step and when the
+        request leaves the queue."""
         engine = self.engine
         job = Job(prep.tokens, prep.req, asyncio.get_running_loop(), prep.drafter, cancel=prep.req.cancel,
                   interval=self.cfg.stream_interval if body.stream else math.inf, ticket=ticket)
         if self.cfg.request_timeout is not None:
-            job.deadline = time.monotonic() + self.cfg.request_timeout
+            job.deadline = arrived + self.cfg.request_timeout
         prep.req.cancel = job.stopped  # checked before every decoding step
         try:
             engine.submit(job)
