@@ -149,7 +149,7 @@ class Server:
         try:
             parts = []
             while True:
-                kind, value = await job.events.get()
+                kind, value = await job.next_event()
                 if kind == "chunk":
                     parts.append(value)
                 elif kind == "start":

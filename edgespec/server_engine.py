@@ -78,6 +78,19 @@ class Job:
             return RequestTimeout("the request took longer than the server's --request-timeout")
         return ClosedError("the server is shutting down" if self.reason == "shutdown" else "the request was cancelled")
 
+    async def next_event(self) -> tuple[str, object]:
+        """In the event loop: the next event. Past the deadline the request is cut, and leaves the queue if it
+        still waits there: its error event follows (from the queue, or from the worker at its next step)."""
+        while True:
+            left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+            try:
+                return await asyncio.wait_for(self.events.get(), left)
+            except asyncio.TimeoutError:
+                self.deadline = None  # cut once
+                self.cut("timeout")
+                if self.ticket is not None:
+                    self.ticket.engine.remove(self)
+
     def emit(self, kind: str, value=None) -> None:
         if kind == "chunk" and self.interval > 0:
             with self._lock:

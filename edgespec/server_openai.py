@@ -179,7 +179,7 @@ class Reply:
 
         try:
             while True:
-                kind, value = await job.events.get()
+                kind, value = await job.next_event()
                 if kind == "start":
                     self.queued_s = value
                     if self.chat:

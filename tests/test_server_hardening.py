@@ -261,6 +261,34 @@ def test_request_timeout_ends_as_an_error(served):
     assert served.client.chat.completions.create(model=QWEN, messages=ask("Hi"), max_tokens=2).choices
 
 
+def test_request_timeout_cuts_a_request_that_waits_in_the_queue(served):
+    """The model is held, so a queued request never reaches the worker: its timeout still ends it, with a 503,
+    and its place in the queue is given back."""
+    engine = served.srv.engine
+    hold = served.rt.stream("Hello", max_tokens=4)
+    body = {"messages": ask("Count to three."), "max_tokens": 4, "temperature": 0, "stream": True}
+    try:
+        next(hold)
+        with httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+            with c.stream("POST", CHAT, json=body) as running:
+                lines = running.iter_lines()
+                next(lines)  # running (waiting for the model), without a timeout
+                served.srv.cfg.request_timeout = 0.0
+                try:
+                    r = c.post(CHAT, json={**body, "stream": False})
+                    assert r.status_code == 503 and r.json()["error"]["code"] == "request_timeout"
+                    with c.stream("POST", CHAT, json=body) as cut:
+                        text = cut.read().decode()
+                    assert sse_events(text)[-1][0] == "error" and "[DONE]" not in text
+                finally:
+                    served.srv.cfg.request_timeout = None
+                assert engine.waiting == 0 and engine._admitted == 1
+                hold.close()
+                assert "data: [DONE]" in list(lines)
+    finally:
+        hold.close()
+
+
 def test_shutdown_cuts_requests_with_an_error_event_and_503(smol_path, tmp_path):
     """SIGTERM while one request streams and another waits: the stream ends with an error event and no
     [DONE], the waiting request gets a 503, and the server exits cleanly."""
