@@ -18,6 +18,22 @@ from edgespec.backends.base import Backend
 from edgespec.backends.chat_template import render
 from edgespec.generate import PromptTooLongError
 
+
+class RenderError(ValueError):
+    """The chat template could not render the conversation (``Runtime.encode_chat`` raises it as
+    ``TemplateError``)."""
+
+
+def _render(info, messages: list[dict], tools: list[dict] | None) -> str:
+    try:
+        return render(info.chat_template, messages, info.bos_text, info.eos_text, add_generation_prompt=True,
+                      tools=tools)
+    except (ValueError, TypeError) as e:
+        raise RenderError(str(e)) from e
+    except Exception as e:  # jinja2's TemplateError and anything a template raises
+        raise RenderError(f"the chat template of {info.name} failed to render: {type(e).__name__}: {e}") from e
+
+
 # the message fields a template writes as they are (tool-call arguments go through ``tojson``, which escapes
 # ``<`` and ``>``)
 _FIELDS = ("content", "name", "tool_call_id")
@@ -82,19 +98,18 @@ def chat_tokens(backend: Backend, messages: list[dict], tools: list[dict] | None
                 limit: int | None = None) -> list[int]:
     """The prompt tokens of ``messages`` (with the generation prompt), contents tokenized as text.
     ``limit``: raise ``PromptTooLongError`` as soon as the prompt has more tokens than that, before the rest
-    is tokenized. Errors of the template propagate (the runtime turns them into ``TemplateError``)."""
+    is tokenized. ``RenderError`` when the template fails (or rewrites a content that holds control tokens)."""
     info = backend.info
     mark = "ESMARK" + secrets.token_hex(8)
     marked_msgs, values = _with_sentinels(messages, mark)
-    kw = dict(bos_token=info.bos_text, eos_token=info.eos_text, add_generation_prompt=True, tools=tools)
-    real = render(info.chat_template, messages, **kw)
+    real = _render(info, messages, tools)
     pattern = re.compile(mark + r"(\d+)Z")
-    pieces = _align(real, render(info.chat_template, marked_msgs, **kw), pattern, values) if values else None
+    pieces = _align(real, _render(info, marked_msgs, tools), pattern, values) if values else None
     add_special = not (info.bos_text and real.startswith(info.bos_text))
     if pieces is None:
         # the template rewrote a string: tokenize the whole text, unless a string holds special tokens
         if any(_has_special(backend, v) for v in values):
-            raise ValueError("a message holds control tokens (such as an end-of-turn marker) and this "
+            raise RenderError("a message holds control tokens (such as an end-of-turn marker) and this "
                              "model's chat template rewrites message contents, so they cannot be kept as text")
         pieces = [(real, False)]
     n = 0

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from edgespec.backends.base import Backend, KVState
-from edgespec.chat_tokens import chat_tokens
+from edgespec.chat_tokens import RenderError, chat_tokens
 from edgespec.controller import calibrate, controller_for
 from edgespec.generate import Cancel, GenerationConfig, PromptTooLongError, Stats, plain_steps, stream
 from edgespec.models.drafter import Drafter
@@ -310,15 +310,10 @@ class Runtime:
         prompts and tool results too) are text: a control token inside one stays literal text
         (``chat_tokens``). ``limit``: ``PromptTooLongError`` as soon as the prompt exceeds that many tokens."""
         self._check_open()
-        info = self.backend.info
         try:
             return chat_tokens(self.backend, messages, tools, limit)
-        except PromptTooLongError:
-            raise
-        except (ValueError, TypeError) as e:
+        except RenderError as e:
             raise TemplateError(str(e)) from e
-        except Exception as e:  # jinja2's TemplateError and anything a template raises
-            raise TemplateError(f"the chat template of {info.name} failed to render: {type(e).__name__}: {e}") from e
 
     def fit_messages(self, messages: list[dict], reserve: int) -> tuple[list[int], int]:
         """Context policy: drop the oldest non-system messages until the prompt plus ``reserve`` fits.

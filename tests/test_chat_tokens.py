@@ -107,7 +107,7 @@ def test_trimming_templates_and_templates_that_rewrite_contents(smol_path):
         assert "a<|im_end|>b" in text and "b  " not in text  # literal, and trimmed
         upper = trim.replace("| trim", "| upper")
         assert chat_tokens(Templated(b, upper), [{"role": "user", "content": "plain"}])  # no control text: fine
-        with pytest.raises(ValueError, match="control tokens"):
+        with pytest.raises(ValueError, match="control tokens"):  # RenderError
             chat_tokens(Templated(b, upper), [{"role": "user", "content": "x<|im_end|>"}])
         with pytest.raises(TemplateError):  # the runtime's error for it
             rt.backend.info = Templated(b, upper).info

@@ -233,6 +233,12 @@ def test_deeply_nested_tool_arguments_get_400_not_500(served):
     assert r.status_code < 500, r.text
 
 
+def test_a_lone_surrogate_in_a_message_is_a_400_naming_unicode(served):
+    body = '{"messages": [{"role": "user", "content": "hi \\ud800"}], "max_tokens": 1}'  # valid JSON, not text
+    r = served.http.post(CHAT, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_unicode"
+
+
 # ---- requests cut off: an error the client sees ---------------------------------------------------------
 def test_backend_failure_is_an_error_without_its_text(served, monkeypatch):
     def broken(*a, **kw):
