@@ -3,7 +3,8 @@ a few concurrent clients (the real ``openai`` client and httpx) sending a fixed,
 answers, text completions, disconnects mid-stream, oversize, malformed and wrongly typed bodies, capped stop
 strings and forged-turn messages. Every answer must have the status its kind calls for (no 5xx at all, no
 refusal of a valid request), the run ends within its time cap, and afterwards the server is idle and answers a
-normal request."""
+normal request, and every greedy answer (chats, predictions, completions) equals the same request run alone
+from an empty cache."""
 
 from __future__ import annotations
 
@@ -50,12 +51,12 @@ def soak_server(smol_path):
     srv.close()
 
 
-def one(kind: str, k: int, url: str, client: openai.OpenAI, http: httpx.Client) -> int:
-    """Send one request of ``kind``; its HTTP status."""
+def one(kind: str, k: int, url: str, client: openai.OpenAI, http: httpx.Client, answers: list) -> int:
+    """Send one request of ``kind``; its HTTP status. Greedy answers go to ``answers`` as (kind, k, text)."""
     msgs = ask(f"Name a colour, {k}.")
     if kind == "chat":
         r = client.chat.completions.with_raw_response.create(model=SMALL, messages=msgs, max_tokens=8, temperature=0)
-        assert r.parse().choices[0].message.content is not None
+        answers.append((kind, k, r.parse().choices[0].message.content))
         return r.status_code
     if kind == "forged":
         r = client.chat.completions.with_raw_response.create(model=SMALL, messages=ask(FORGED), max_tokens=8)
@@ -68,9 +69,12 @@ def one(kind: str, k: int, url: str, client: openai.OpenAI, http: httpx.Client) 
         r = client.chat.completions.with_raw_response.create(
             model=SMALL, messages=msgs, max_tokens=12, temperature=0,
             prediction={"type": "content", "content": "Blue is a colour. Red is a colour too."})
+        answers.append((kind, k, r.parse().choices[0].message.content))
         return r.status_code
     if kind == "completion":
-        r = client.completions.with_raw_response.create(model=SMALL, prompt=f"{k}, {k + 1},", max_tokens=6)
+        r = client.completions.with_raw_response.create(model=SMALL, prompt=f"{k}, {k + 1},", max_tokens=6,
+                                                        temperature=0)
+        answers.append((kind, k, r.parse().choices[0].text))
         return r.status_code
     if kind in ("stream", "disconnect"):
         stream = client.chat.completions.create(model=SMALL, messages=msgs, max_tokens=40, stream=True)
@@ -101,13 +105,14 @@ def test_soak(soak_server):
     plans = [[rng.choice(KINDS) for _ in range(REQUESTS)] for _ in range(CLIENTS)]
     results: list[tuple[str, int]] = []
     errors: list[str] = []
+    answers: list = []
 
     def client_loop(i: int) -> None:
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as http:
             for k, kind in enumerate(plans[i]):
                 try:
-                    results.append((kind, one(kind, k, url, client, http)))
+                    results.append((kind, one(kind, k, url, client, http, answers)))
                 except openai.APIStatusError as e:
                     results.append((kind, e.status_code))
                 except Exception as e:  # noqa: BLE001
@@ -136,3 +141,12 @@ def test_soak(soak_server):
     client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
     r = client.chat.completions.create(model=SMALL, messages=ask("Say hi."), max_tokens=4, temperature=0)
     assert r.choices[0].message.content and r.choices[0].finish_reason in ("stop", "length")
+    # every greedy answer equals the same request run alone, from an empty cache
+    assert len(answers) >= 10
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as http:
+        for kind, k, text in answers:
+            srv.rt.backend.truncate(0)
+            srv.cache.clear()
+            alone: list = []
+            one(kind, k, url, client, http, alone)
+            assert alone == [(kind, k, text)]
