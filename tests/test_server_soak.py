@@ -40,7 +40,8 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 
 @pytest.fixture(scope="module")
 def soak_server(smol_path):
-    rt = edgespec.load(SMALL, n_ctx=512, n_threads=2, draft="none", adapt=False)
+    # exact: verify batches of the predicted outputs decode bit-identically to plain steps (answers compared)
+    rt = edgespec.load(SMALL, n_ctx=512, n_threads=2, draft="none", adapt=False, exact=True)
     srv = Server(ServerConfig(model_name=SMALL, api_key=KEY, max_queue=CLIENTS, default_max_tokens=12,
                               request_timeout=120))
     srv.attach(rt)
