@@ -463,8 +463,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-size", default="1GB",
                    help="byte cap of the prompt cache (default 1GB; under --memory-budget at most what the plan "
                         "leaves free)")
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="tokens a chat answer may have when a request sets no max_tokens (default: up to the context)")
+    p.add_argument("--max-tokens", type=int, default=2048,
+                   help="tokens a chat answer may have when a request sets no max_tokens (default 2048, at most what "
+                        "the context leaves)")
+    p.add_argument("--max-body", default=None,
+                   help="largest request body, e.g. 2MB (default: 64 bytes per token of context plus 64 KiB, room for "
+                        "a prompt and a prediction of the whole context)")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds a request may take from its arrival, waiting included; then it ends with an error "
+                        "(default: no limit)")
+    p.add_argument("--allow-host", action="append", default=[],
+                   help="another host name a loopback server answers for (repeatable; localhost, 127.0.0.1 and "
+                        "[::1] always are; other Host headers get 403)")
+    p.add_argument("--cors-origin", action="append", default=[],
+                   help="an origin whose web pages may call the server (repeatable; default: none, CORS off)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default warning)")
     p.set_defaults(func=cmd_serve)

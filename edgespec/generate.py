@@ -26,6 +26,24 @@ class PromptTooLongError(ValueError):
     """The prompt does not fit the context window."""
 
 
+MAX_STOPS = 16  # stop strings per request
+MAX_STOP_CHARS = 512  # characters per stop string
+
+
+def check_stop(stop) -> tuple[str, ...]:
+    """``stop`` (a string or a sequence of them) as a tuple, or a ValueError: at most ``MAX_STOPS`` non-empty
+    strings of at most ``MAX_STOP_CHARS`` characters each."""
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise ValueError(f"stop must be non-empty strings, not {stop!r}"[:200])
+    if len(stop) > MAX_STOPS:
+        raise ValueError(f"stop must hold at most {MAX_STOPS} strings, not {len(stop)}")
+    longest = max(map(len, stop), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise ValueError(f"stop strings must have at most {MAX_STOP_CHARS} characters, not {longest}")
+    return stop
+
+
 @dataclass
 class GenerationConfig:
     max_tokens: int = 256
@@ -36,10 +54,7 @@ class GenerationConfig:
     def __post_init__(self):
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, not {self.max_tokens!r}")
-        if isinstance(self.stop, str):
-            self.stop = (self.stop,)
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop must be non-empty strings, not {self.stop!r}")
+        self.stop = check_stop(self.stop)
 
 
 @dataclass
@@ -121,13 +136,47 @@ def plain_steps(backend: Backend, first: ForwardOut, sp: SamplingParams, rng: Po
         logits = out.logits[0]
 
 
+class StopMatcher:
+    """One stop string as a KMP automaton over the text: ``k`` is the length of the longest prefix of the
+    string that the text read so far ends with, so each new character costs O(1) (amortized)."""
+
+    def __init__(self, s: str):
+        self.s = s
+        self.fail = [0] * len(s)  # fail[i]: longest proper border of s[:i + 1]
+        k = 0
+        for i in range(1, len(s)):
+            while k and s[i] != s[k]:
+                k = self.fail[k - 1]
+            if s[i] == s[k]:
+                k += 1
+            self.fail[i] = k
+        self.k = 0
+
+    def feed(self, text: str, start: int) -> int:
+        """Read ``text[start:]``; the start of the first whole match ending there, or -1."""
+        s, fail, k, n = self.s, self.fail, self.k, len(self.s)
+        for i in range(start, len(text)):
+            c = text[i]
+            while k and c != s[k]:
+                k = fail[k - 1]
+            if c == s[k]:
+                k += 1
+                if k == n:
+                    self.k = k
+                    return i + 1 - n
+        self.k = k
+        return -1
+
+
 class TextOut:
-    """Incremental text with stop strings: never emits text that might turn out to start a stop string."""
+    """Incremental text with stop strings: never emits text that might turn out to start a stop string. Only
+    the new text is matched (``StopMatcher``), so a token costs the same however long the answer is."""
 
     def __init__(self, backend: Backend, stop: tuple[str, ...]):
         self.dec = StreamDecoder(backend)
-        self.stop = stop
+        self.matchers = [StopMatcher(s) for s in stop]
         self.text = ""
+        self.scanned = 0  # text already read by the matchers
         self.emitted = 0
         self.stopped = False
 
@@ -143,17 +192,15 @@ class TextOut:
     def _release(self, final: bool) -> str:
         if self.stopped:
             return ""
-        if self.stop:
-            longest = max(map(len, self.stop))
-            window_start = max(0, self.emitted - longest)
-            hits = [i for i in (self.text.find(s, window_start) for s in self.stop) if i >= 0]
+        if self.matchers:
+            hits = [i for i in (m.feed(self.text, self.scanned) for m in self.matchers) if i >= 0]
+            self.scanned = len(self.text)
             if hits:
                 self.text = self.text[:min(hits)]
                 self.stopped = True
                 return self._take(len(self.text))
-            if not final:
-                hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-                return self._take(len(self.text) - hold)
+            if not final:  # the longest tail that may start a stop string waits for the next text
+                return self._take(len(self.text) - max(m.k for m in self.matchers))
         return self._take(len(self.text))
 
     def _take(self, end: int) -> str:

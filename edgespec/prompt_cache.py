@@ -9,6 +9,10 @@ States are saved lazily: the live cache is snapshotted only when the next reques
 worthwhile part of it (a switch to another conversation), so a conversation that simply goes on costs nothing.
 A saved state that is (almost) a prefix of a newer one is dropped, and the least recently used states are
 evicted to stay within ``max_entries`` and ``max_bytes`` (and, under a memory budget, the live headroom).
+Room is made, and checked, before a state is copied (its size estimated from the KV bytes per token): a state
+larger than the cap or the headroom is skipped without copying it or evicting anything. The cache never fails a
+request: a state that cannot be saved is skipped, and one that cannot be restored is evicted and the prompt
+evaluated from scratch.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class CacheStats:
     saves: int = 0
     evictions: int = 0
     skipped: int = 0  # states not saved: larger than the cap or the memory headroom
+    failures: int = 0  # saves or restores that failed (the request went on without them)
 
 
 class PromptCache:
@@ -73,9 +78,17 @@ class PromptCache:
         # what of the live cache this request destroys: everything when a state is restored, else the tail
         lost = len(backend.cached) - (0 if restore else live)
         if lost > cfg.slack and len(backend.cached) >= cfg.min_tokens and not self._covered(backend.cached):
-            self._save(backend.save_state())
+            self._save(backend)
         if restore:
-            backend.load_state(state)
+            try:
+                backend.load_state(state)
+            except Exception:  # a state that cannot be restored is dropped; prefill evaluates the whole prompt
+                with self._lock:
+                    self.entries.pop(best_key, None)
+                self.stats.failures += 1
+                backend.truncate(0)
+                self.stats.misses += 1
+                return
             with self._lock:
                 if best_key in self.entries:
                     self.entries.move_to_end(best_key)
@@ -92,24 +105,44 @@ class PromptCache:
         """Is (all but ``slack`` tokens of) ``tokens`` already saved?"""
         return any(common_prefix(e.tokens, tokens) >= len(tokens) - self.cfg.slack for e in self.entries.values())
 
-    def _save(self, state: KVState) -> None:
+    def _save(self, backend: Backend) -> None:
+        """Keep the live cache's state if it fits: room is made and checked with its estimated size before it
+        is copied; a state over the cap or the headroom is skipped without evicting anything."""
         cfg = self.cfg
+        estimate = backend.memory().kv_bytes_per_token * len(backend.cached)
         with self._lock:
             for key in [k for k, e in self.entries.items()
-                        if common_prefix(e.tokens, state.tokens) >= len(e.tokens) - cfg.slack]:
+                        if common_prefix(e.tokens, backend.cached) >= len(e.tokens) - cfg.slack]:
                 del self.entries[key]  # superseded: the new state extends it
-            cap = cfg.max_bytes
-            while self.entries and (len(self.entries) >= cfg.max_entries
-                                    or self.nbytes + state.nbytes > cap
-                                    or not self._room(state.nbytes)):
-                self.entries.popitem(last=False)
-                self.stats.evictions += 1
-            if state.nbytes > cap or len(self.entries) >= cfg.max_entries or not self._room(state.nbytes):
+            # over the cap, or more than the headroom even if every kept state were freed: skipped as it is
+            if cfg.max_entries < 1 or estimate > cfg.max_bytes or not self._room(estimate - self.nbytes):
+                self.stats.skipped += 1
+                return
+            self._evict(estimate)
+            if not self._room(estimate):
+                self.stats.skipped += 1
+                return
+        try:
+            state = backend.save_state()
+        except Exception:  # the request goes on without it
+            self.stats.failures += 1
+            return
+        with self._lock:
+            self._evict(state.nbytes, headroom=False)  # the real size may differ; it is in memory already
+            if state.nbytes > cfg.max_bytes or len(self.entries) >= cfg.max_entries:
                 self.stats.skipped += 1
                 return
             self.entries[self._next] = state
             self._next += 1
             self.stats.saves += 1
+
+    def _evict(self, nbytes: int, headroom: bool = True) -> None:
+        """Evict the least recently used states until one more of ``nbytes`` fits the entries, the cap and (with
+        ``headroom``) the memory headroom."""
+        while self.entries and (len(self.entries) >= self.cfg.max_entries or self.nbytes + nbytes > self.cfg.max_bytes
+                                or (headroom and not self._room(nbytes))):
+            self.entries.popitem(last=False)
+            self.stats.evictions += 1
 
     def _room(self, nbytes: int) -> bool:
         return self.headroom is None or nbytes <= self.headroom()
@@ -122,7 +155,7 @@ class PromptCache:
         s = self.stats
         return {"entries": len(self.entries), "bytes": self.nbytes, "max_bytes": self.cfg.max_bytes,
                 "hits": s.hits, "misses": s.misses, "hit_tokens": s.hit_tokens, "saves": s.saves,
-                "evictions": s.evictions, "skipped": s.skipped}
+                "evictions": s.evictions, "skipped": s.skipped, "failures": s.failures}
 
 
 def budget_cap(rt, fraction: float = 1.0) -> int | None:

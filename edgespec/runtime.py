@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from edgespec import background
 from edgespec.backends.base import Backend, KVState
-from edgespec.backends.chat_template import render
+from edgespec.chat_tokens import RenderError, chat_tokens
 from edgespec.controller import calibrate, controller_for
 from edgespec.generate import Cancel, GenerationConfig, PromptTooLongError, Stats, plain_steps, stream
 from edgespec.memory.live import peak_rss_bytes, rss_bytes
@@ -335,18 +335,15 @@ class Runtime:
         if self.closed:
             raise ClosedError("this runtime has been closed")
 
-    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None, limit: int | None = None) -> list[int]:
+        """The prompt tokens of a conversation through the model's chat template. Message contents (system
+        prompts and tool results too) are text: a control token inside one stays literal text
+        (``chat_tokens``). ``limit``: ``PromptTooLongError`` as soon as the prompt exceeds that many tokens."""
         self._check_open()
-        info = self.backend.info
         try:
-            text = render(info.chat_template, messages, info.bos_text, info.eos_text, add_generation_prompt=True,
-                          tools=tools)
-        except (ValueError, TypeError) as e:
+            return chat_tokens(self.backend, messages, tools, limit)
+        except RenderError as e:
             raise TemplateError(str(e)) from e
-        except Exception as e:  # jinja2's TemplateError and anything a template raises
-            raise TemplateError(f"the chat template of {info.name} failed to render: {type(e).__name__}: {e}") from e
-        add_special = not (info.bos_text and text.startswith(info.bos_text))
-        return self.backend.tokenize(text, add_special=add_special, parse_special=True)
 
     def fit_messages(self, messages: list[dict], reserve: int) -> tuple[list[int], int]:
         """Context policy: drop the oldest non-system messages until the prompt plus ``reserve`` fits.

@@ -26,20 +26,23 @@ def parse_call(body: str, names: frozenset[str] | None = None) -> dict | None:
     tool names it must use (None: any)."""
     try:
         obj = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
     if names is not None and obj["name"] not in names:
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
-    if isinstance(args, str):  # already a JSON string: keep it if it is valid JSON
-        try:
+    try:
+        if isinstance(args, str):  # already a JSON string: keep it if it is valid JSON
             json.loads(args)
-        except ValueError:
-            return None
-    else:
-        args = json.dumps(args, ensure_ascii=False)
+        else:
+            args = json.dumps(args, ensure_ascii=False)
+        args.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\\ud800" in the model's JSON): escaped, still the same JSON
+        args = json.dumps(json.loads(args))
+    except (ValueError, RecursionError):
+        return None
     return {"id": call_id(), "type": "function", "function": {"name": obj["name"], "arguments": args}}
 
 
@@ -110,7 +113,7 @@ class ToolStream:
         return [("content", rest)] if rest else []
 
     def _call(self, body: str) -> tuple[str, object]:
-        call = parse_call(body.strip())
+        call = parse_call(body.strip(), self.names)  # a name the client did not declare stays text
         if call is None:
             return ("content", OPEN + body + CLOSE)
         self.calls.append(call)
@@ -143,7 +146,7 @@ def template_messages(messages: list[dict]) -> list[dict]:
                 if isinstance(fn.get("arguments"), str):
                     try:
                         fn["arguments"] = json.loads(fn["arguments"])
-                    except ValueError:
+                    except (ValueError, RecursionError):  # kept as the string it is
                         pass
                 calls.append({**c, "function": fn})
             m["tool_calls"] = calls

@@ -91,7 +91,7 @@ def test_health_models_and_loading_state(served):
 
     from fastapi.testclient import TestClient  # a server whose model is still loading
 
-    loading = TestClient(create_app(Server(ServerConfig())))
+    loading = TestClient(create_app(Server(ServerConfig())), base_url="http://localhost")
     assert loading.get("/health").status_code == 503
     r = loading.post("/v1/chat/completions", json={"messages": ask("hi")})
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
@@ -430,35 +430,46 @@ def test_serve_without_the_extra_says_how_to_install(monkeypatch, capsys):
     assert len(err) == 1 and "pip install 'edgespec[server]'" in err[0]
 
 
-def test_edgespec_serve_command_answers_and_stops_cleanly_on_sigterm(smol_path, tmp_path):
+def serve_process(tmp_path, args: list[str], env: dict | None = None):
+    """``edgespec serve ARGS`` in a subprocess on a free loopback port, once /health says 200: (proc, url).
+    Its output goes to ``tmp_path / "serve.log"``."""
     import os
-    import signal
     import subprocess
     import sys
-
-    from tests.conftest import SMALL
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    env = {**os.environ, "EDGESPEC_API_KEY": "env-key"}
     log = (tmp_path / "serve.log").open("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "edgespec", "serve", "--model", SMALL, "--port", str(port),
-                             "--n-ctx", "512", "--threads", "2", "--draft", "none", "--no-adapt"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "edgespec", "serve", "--port", str(port), *args],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
         while True:
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()
             try:
                 if httpx.get(url + "/health").status_code == 200:
-                    break
+                    return proc, url
             except httpx.TransportError:
                 pass
             assert time.time() < deadline
             time.sleep(0.2)
+    except BaseException:
+        proc.kill()
+        raise
+
+
+def test_edgespec_serve_command_answers_and_stops_cleanly_on_sigterm(smol_path, tmp_path):
+    import signal
+
+    from tests.conftest import SMALL
+
+    proc, url = serve_process(tmp_path, ["--model", SMALL, "--n-ctx", "512", "--threads", "2", "--draft", "none",
+                                         "--no-adapt"], env={"EDGESPEC_API_KEY": "env-key"})
+    port = url.rsplit(":", 1)[1]
+    try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="env-key", max_retries=0)
         r = client.chat.completions.create(model=SMALL, messages=ask("Hi"), max_tokens=3, temperature=0)
         assert r.choices[0].message.content and r.usage.completion_tokens == 3

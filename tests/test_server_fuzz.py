@@ -28,7 +28,7 @@ CASES = {schemathesis.GenerationMode.POSITIVE: 6, schemathesis.GenerationMode.NE
 @pytest.fixture(scope="module")
 def fuzz_server(smol_path):
     rt = edgespec.load(SMALL, n_ctx=128, n_threads=2, draft="none", adapt=False)
-    srv = Server(ServerConfig(model_name=SMALL, api_key=KEY, default_max_tokens=8))
+    srv = Server(ServerConfig(model_name=SMALL, api_key=KEY, default_max_tokens=8, allow_hosts=("testserver",)))
     srv.attach(rt)
     yield srv
     srv.close()
@@ -36,7 +36,7 @@ def fuzz_server(smol_path):
 
 def test_fuzz_no_server_errors(fuzz_server):
     app = create_app(fuzz_server)
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers=AUTH)  # the schema needs the key too
     statuses: Counter = Counter()
     slowest = (0.0, "")
     for result in schema.get_all_operations():

@@ -19,9 +19,19 @@ class FakeBackend:
     def __init__(self):
         self.cached: list[int] = []
         self.loads = 0
+        self.saves = 0  # states copied
 
     def save_state(self) -> KVState:
+        self.saves += 1
         return KVState(list(self.cached), None, 10 * len(self.cached))
+
+    def memory(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(kv_bytes_per_token=10)
+
+    def truncate(self, n: int) -> None:
+        self.cached = self.cached[:n]
 
     def load_state(self, state: KVState) -> None:
         self.cached = list(state.tokens)
@@ -199,3 +209,150 @@ def test_streamed_text_is_gathered_per_interval_and_ends_before_done():
     assert asyncio.run(run(0.2, 0.5)) == [("chunk", "a"), ("chunk", "bc"), ("chunk", "d"), ("done", None)]
     assert asyncio.run(run(10.0, 0.0)) == [("chunk", "a"), ("chunk", "bcd"), ("done", None)]
     assert asyncio.run(run(math.inf, 0.0)) == [("chunk", "abcd"), ("done", None)]
+
+
+def test_tool_calls_only_for_declared_names_and_never_unencodable():
+    names = frozenset({"get_weather"})
+    text = '<tool_call>{"name": "delete_files", "arguments": {"path": "/"}}</tool_call>'
+    content, calls = parse(text, names)
+    assert calls == [] and content == text  # a name the client never declared stays text
+    stream = ToolStream(names)
+    assert [k for k, _ in stream.push(text) + stream.finish()] == ["content"]
+    # the model may write a lone surrogate as a JSON escape: the arguments stay the same JSON, and encodable
+    _, calls = parse('<tool_call>{"name": "get_weather", "arguments": {"city": "\\ud800x"}}</tool_call>', names)
+    args = calls[0]["function"]["arguments"]
+    args.encode("utf-8")
+    assert json.loads(args) == {"city": "\ud800x"}
+    deep = "[" * 100_000 + "]" * 100_000  # deeper than Python's recursion limit
+    assert parse(f'<tool_call>{{"name": "get_weather", "arguments": {deep}}}</tool_call>', names)[1] == []
+    msgs = template_messages([{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": deep}}]}])
+    assert msgs[0]["tool_calls"][0]["function"]["arguments"] == deep  # kept as the string it is
+
+
+def test_json_replies_always_encode():
+    import pytest
+
+    pytest.importorskip("fastapi")
+    from edgespec.server_openai import SafeJSONResponse, dumps
+
+    assert dumps({"a": "é"}) == '{"a":"é"}'  # non-ASCII as is
+    dumps({"a": "\udc80"}).encode("utf-8")  # a lone surrogate escaped
+    assert json.loads(SafeJSONResponse({"a": "\ud800"}).body) == {"a": "\ud800"}
+
+
+def test_guard_helpers():
+    import pytest
+
+    pytest.importorskip("fastapi")
+    from edgespec.server_guard import allowed_hosts, host_name, is_json, is_loopback, key_matches
+
+    assert host_name("LocalHost:8080") == "localhost" and host_name("[::1]:80") == "[::1]"
+    assert host_name("evil.example") == "evil.example"
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+    hosts = allowed_hosts("127.0.0.1", ("my.box:9000",))
+    assert {"localhost", "127.0.0.1", "[::1]", "my.box"} <= hosts and "evil.example" not in hosts
+    assert allowed_hosts("0.0.0.0") is None
+    assert key_matches("Bearer k1", "k1") and key_matches("bearer k1", "k1")
+    assert not key_matches("Bearer k2", "k1") and not key_matches(None, "k1") and not key_matches("Basic k1", "k1")
+    assert is_json("application/json; charset=utf-8") and is_json("application/vnd.api+json")
+    assert not is_json("text/plain") and not is_json(None) and not is_json("application/x-www-form-urlencoded")
+
+
+class _IdleRuntime:
+    """A runtime the engine never gets to use: the test only admits and queues."""
+
+
+def test_queue_is_counted_from_the_first_request_and_left_places_are_freed():
+    import asyncio
+
+    import pytest
+
+    pytest.importorskip("fastapi")
+    from edgespec.server_engine import Engine, Job, QueueFull
+
+    engine = Engine(_IdleRuntime(), max_queue=1)
+    engine._stopping = True  # the worker exits: nothing runs, so the counts below are exact
+    engine._thread.join(5)
+    engine._stopping = False
+    a, b = engine.admit(), engine.admit()  # one running and one waiting: nothing has reached the worker yet
+    with pytest.raises(QueueFull):
+        engine.admit()  # a burst at idle is counted too
+    loop = asyncio.new_event_loop()
+    job = Job([1], None, loop, ticket=b)
+    engine.submit(job)
+    assert engine.waiting == 1
+    engine.remove(job)  # its client left while it waited
+    assert engine.waiting == 0
+    c = engine.admit()  # its place is free again
+    a.release()
+    a.release()  # once only
+    engine.admit()
+    with pytest.raises(QueueFull):
+        engine.admit()
+    c.release()
+    loop.close()
+
+
+def test_a_server_reachable_from_other_machines_without_a_key_warns():
+    import pytest
+
+    pytest.importorskip("fastapi")
+    from edgespec.server import exposure_warning
+
+    assert "without an API key" in exposure_warning("0.0.0.0", None)
+    assert exposure_warning("192.168.1.5", "") is not None
+    assert exposure_warning("0.0.0.0", "key") is None and exposure_warning("127.0.0.1", None) is None
+    assert exposure_warning("::1", None) is None and exposure_warning("localhost", None) is None
+
+
+def test_prompt_cache_checks_room_before_copying_and_never_evicts_for_an_oversize_state():
+    b = FakeBackend()
+    cache = PromptCache(PromptCacheConfig(max_entries=4, max_bytes=1000, min_tokens=8))
+    b.run(conv(1, 40), cache)
+    b.run(conv(2, 40), cache)  # conversation 1 saved (~450 bytes)
+    assert len(cache) == 1 and b.saves == 1
+    b.run(conv(3, 200), cache)  # conversation 2 saved
+    b.run(conv(4, 20), cache)  # conversation 3 (~2000 bytes) is over the cap: not even copied
+    assert b.saves == 2 and cache.stats.skipped == 1
+    assert {e.tokens[1] // 100 for e in cache.entries.values()} == {1, 2}  # and nothing was evicted for it
+    off = PromptCache(PromptCacheConfig(max_bytes=0, min_tokens=8))
+    b = FakeBackend()
+    for k in range(1, 5):
+        b.run(conv(k, 40), off)
+    assert b.saves == 0  # a cap of 0 copies nothing
+    tight = PromptCache(PromptCacheConfig(min_tokens=8), headroom=lambda: 100)
+    b = FakeBackend()
+    b.run(conv(1, 40), tight)
+    b.run(conv(2, 40), tight)
+    assert b.saves == 0 and tight.stats.skipped == 1  # more than the memory headroom: not copied
+
+
+def test_prompt_cache_failures_never_fail_the_request():
+    class Failing(FakeBackend):
+        fail_load = fail_save = False
+
+        def load_state(self, state):
+            if self.fail_load:
+                self.cached = []  # as llama.cpp's: the cache is cleared before the bytes are set
+                raise RuntimeError("llama.cpp could not restore a saved KV state")
+            super().load_state(state)
+
+        def save_state(self):
+            if self.fail_save:
+                raise MemoryError
+            return super().save_state()
+
+    b, cache = Failing(), PromptCache(PromptCacheConfig(min_tokens=8))
+    a1 = conv(1, 60)
+    b.run(a1, cache)
+    b.run(conv(2, 60), cache)
+    assert len(cache) == 1
+    b.fail_load = True
+    assert b.run(a1 + [5, 5], cache) == 0  # the request goes on: its whole prompt evaluated again
+    kept = lambda: {e.tokens[1] // 100 for e in cache.entries.values()}  # noqa: E731
+    assert kept() == {2} and cache.stats.failures == 1  # the state that failed is gone (2 was saved on the way)
+    b.fail_load, b.fail_save = False, True
+    b.run(conv(3, 60), cache)  # saving a1's cache fails: no error either
+    assert kept() == {2} and cache.stats.failures == 2
