@@ -11,6 +11,7 @@ from pathlib import Path
 
 from edgespec import __version__, registry
 from edgespec.backends.base import BackendError
+from edgespec.benches.prompts import SETS as PROMPT_SETS
 from edgespec.generate import PromptTooLongError, Stats
 
 
@@ -355,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmark decoding methods side by side on the same prompts")
     p.add_argument("--model", "-m", default=registry.DEFAULT_MODEL)
-    p.add_argument("--prompts", default="humaneval", choices=["humaneval", "chat", "adversarial"])
+    p.add_argument("--prompts", default="humaneval", choices=list(PROMPT_SETS))
     p.add_argument("--n", type=int, default=20, help="number of prompts (default 20)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--methods", default="plain,llama-python,anchor-2,anchor-10,ngram",
@@ -364,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--llama-bench", default=None, help="path to llama.cpp's llama-bench for the C++ baseline")
+    p.add_argument("--as-users", action="store_true",
+                   help="load each method as a user gets it (edgespec.load with default options, adaptation "
+                        "included, a backend each) and send the requests back to back; methods: plain, auto, "
+                        "auto-noadapt, ngram, redrafter (+exact); background work is waited for between methods")
+    p.add_argument("--follow", action="store_true",
+                   help="with --as-users: after each reply send the next prompt at once and report its speed")
     p.add_argument("--out", default="bench_out/latest")
     p.add_argument("--memory-budgets", default=None,
                    help="memory-limit benchmark instead: comma-separated budgets (e.g. 1GB,1.5GB,plain+10%%), "

@@ -251,7 +251,7 @@ class OnlineAdapter:
             approx = (x @ p["head_a"]) @ p["head_b"] + p["bias"]
             mine = torch.topk(approx, min(self.cfg.negatives, approx.shape[1]), dim=1).indices.numpy()
         cand = np.unique(np.concatenate([want[want >= 0], mine.ravel()]))
-        rows = torch.from_numpy(d.head[cand].astype(np.float32))
+        rows = torch.from_numpy(d.head_rows(cand))
         logq = torch.log_softmax(x @ rows.T + p["bias"][torch.from_numpy(cand)], dim=-1)
         cols = np.where(want >= 0, np.searchsorted(cand, np.maximum(want, 0)), -1)
         return logq, cols

