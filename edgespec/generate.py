@@ -98,7 +98,7 @@ class Stats:
 Cancel = threading.Event | Callable[[], bool] | None
 
 
-def _cancelled(cancel: Cancel) -> bool:
+def is_cancelled(cancel: Cancel) -> bool:
     if cancel is None:
         return False
     return cancel.is_set() if isinstance(cancel, threading.Event) else bool(cancel())
@@ -116,7 +116,7 @@ def prefill(backend: Backend, prompt: list[int], stats: Stats, want_hidden: bool
     n = min(common_prefix(backend.cached, prompt), len(prompt) - 1)
     backend.truncate(n)
     stats.prompt_tokens, stats.prefill_tokens = len(prompt), len(prompt) - n
-    check = None if cancel is None else (lambda: _cancelled(cancel))
+    check = None if cancel is None else (lambda: is_cancelled(cancel))
     return backend.prefill(prompt[n:], want_hidden=want_hidden, cancel=check)
 
 
@@ -252,7 +252,7 @@ def stream(backend: Backend, prompt: list[int], cfg: GenerationConfig, stats: St
         eog = frozenset() if cfg.ignore_eos else backend.info.eog
         source = steps(backend, first, cfg.sampling, rng, stats)
         while not stats.finish_reason:
-            if _cancelled(cancel):
+            if is_cancelled(cancel):
                 stats.finish_reason = "cancelled"
                 break
             try:

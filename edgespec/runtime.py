@@ -3,8 +3,11 @@
 
 One model has one KV cache, so a request owns the model, not a thread. ``stream``/``chat(stream=True)``
 return a ``Generation``: an iterator that takes the model at its first chunk and holds it until it is
-exhausted, closed or garbage-collected, whichever thread drives it (Starlette's threadpool moves a stream
-between threads). A request from another thread waits its turn in FIFO order (``timeout``: after that
+exhausted, closed or dropped, whichever thread drives it (Starlette's threadpool moves a stream between
+threads). ``close()`` is safe from any thread at any time (a Stop button while another thread reads the
+stream): it asks a running step to stop and waits for it, so the model is released only after the step that
+uses it has finished. A stream that nobody holds any more is freed by refcounting and frees the model without
+blocking. A request from another thread waits its turn in FIFO order (``timeout``: after that
 many seconds it gets ``BusyError``). When one thread interleaves two streams (``a = rt.stream(p1);
 b = rt.stream(p2); next(a); next(b); next(a)``) the suspended stream is preempted: its KV state is saved
 and restored bit for bit when it resumes, so neither ever decodes on the other's cache. Per-request
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +27,15 @@ from edgespec import background
 from edgespec.backends.base import Backend, KVState
 from edgespec.chat_tokens import RenderError, chat_tokens
 from edgespec.controller import calibrate, controller_for
-from edgespec.generate import Cancel, GenerationConfig, PromptTooLongError, Stats, plain_steps, stream
+from edgespec.generate import (
+    Cancel,
+    GenerationConfig,
+    PromptTooLongError,
+    Stats,
+    is_cancelled,
+    plain_steps,
+    stream,
+)
 from edgespec.memory.live import peak_rss_bytes, rss_bytes
 from edgespec.models.auto import AutoDrafter
 from edgespec.models.drafter import Drafter
@@ -101,6 +111,20 @@ class PromptCache(Protocol):
         ...
 
 
+class _Slot:
+    """A request's claim on the model, kept by the runtime (guarded by ``Runtime._cond``). It holds no
+    reference to its ``Generation``, so a stream that nobody holds any more is freed at once by refcounting,
+    and its ``__del__`` frees the model."""
+
+    __slots__ = ("busy", "closed", "stop", "saved")
+
+    def __init__(self):
+        self.busy: int | None = None  # the thread running this request's code (a step or its finish)
+        self.closed = False  # closed or abandoned: no step starts any more
+        self.stop = False  # asks the running step to stop at its next check (read without the lock)
+        self.saved: KVState | None = None  # our cache while another request has preempted us
+
+
 class Generation(Iterator[str]):
     """One request's text stream. ``stats`` and ``tokens`` fill in as it runs."""
 
@@ -113,8 +137,8 @@ class Generation(Iterator[str]):
         self.stats = Stats()
         self.tokens: list[int] = []
         self.dropped_messages = dropped
+        self._slot = _Slot()
         self._inner: Iterator[str] | None = None
-        self._saved: KVState | None = None  # our cache while another request has preempted us
         self._done = False
         self._active = False  # counted in background.ACTIVITY (from the first step to the end)
 
@@ -122,24 +146,23 @@ class Generation(Iterator[str]):
         return self
 
     def __next__(self) -> str:
-        if self._done:
-            raise StopIteration
-        self.rt._acquire(self, self.req.timeout)
+        if self._done or not self.rt._enter(self._slot, self.req.timeout):
+            raise StopIteration  # finished, or closed (from another thread) while we waited
         try:
             if self._inner is None:
                 self._start()
-            elif self._saved is not None:
-                self.rt.backend.load_state(self._saved)
-                self._saved = None
+            elif self._slot.saved is not None:
+                self.rt.backend.load_state(self._slot.saved)
+                self._slot.saved = None
             return next(self._inner)
         except BaseException:
             self._finish()
             raise
         finally:
-            self.rt._pause(self)
+            self.rt._leave_step(self._slot)
 
     def _start(self) -> None:
-        rt = self.rt
+        rt, slot, cancel = self.rt, self._slot, self.req.cancel
         if rt.prompt_cache is not None:
             rt.prompt_cache.before(rt.backend, self.prompt)
         drafter, ctl = rt.drafter, rt.controller
@@ -152,29 +175,27 @@ class Generation(Iterator[str]):
         background.ACTIVITY.enter()  # background work in this process waits until the request ends
         self._active = True
         rt.last_stats = self.stats
+        # the closures hold the slot, never ``self``: no reference cycle keeps an abandoned stream alive; the
+        # backend is ours only while a thread runs our code (not from a collector finalizing the stream)
         self._inner = stream(rt.backend, self.prompt, self.req._config, self.stats, steps=steps,
-                             cancel=self.req.cancel, out_tokens=self.tokens,
+                             cancel=lambda: is_cancelled(cancel) or slot.stop, out_tokens=self.tokens,
                              want_hidden=drafter is not None and drafter.needs_hidden,
-                             owns_backend=lambda: rt._owner is self)
-
-    def _suspend(self) -> None:
-        """Another request takes the model while we wait at a yield: keep our cache aside."""
-        self._saved = self.rt.backend.save_state()
+                             owns_backend=lambda: rt._owner is slot and slot.busy is not None)
 
     def _finish(self) -> None:
-        """Release the model (after the stream ended, failed or was closed)."""
+        """Release the model (after the stream ended, failed or was closed), by the thread that runs our code."""
         if self._done:
             return
-        self._done = True
-        rt = self.rt
+        rt, slot = self.rt, self._slot
+        self._done = slot.closed = True  # a thread that waits to run a step of ours gives up
         try:
-            if self._inner is not None and rt._owner is self:
+            if self._inner is not None and rt._owner is slot:
                 self._inner.close()  # runs the stream's own cleanup (stats, cache trimmed to prompt + output)
                 if rt.prompt_cache is not None and not rt.closed:
                     rt.prompt_cache.after(rt.backend)
         finally:
-            self._saved = None
-            rt._release(self)
+            slot.saved = None
+            rt._release(slot)
             self._leave()
             if self._inner is not None:
                 rt._after_request()
@@ -185,24 +206,38 @@ class Generation(Iterator[str]):
             background.ACTIVITY.leave()
 
     def close(self) -> None:
-        """Stop the request and release the model (safe from any thread, and more than once)."""
+        """Stop the request and release the model: safe from any thread, at any time, and more than once. A
+        step running in another thread is asked to stop and waited for; the model is released after it. From
+        inside its own step (a cancel callback) it only asks the step to stop."""
         if self._done:
             return
-        if self._inner is None or self.rt._owner is not self:  # never started, or preempted: the backend is
-            self._drop()  # not ours, so nothing on it is touched
-            return
+        rt, slot, me = self.rt, self._slot, threading.get_ident()
+        with rt._cond:
+            slot.stop = True
+            if slot.busy == me:
+                return
+            slot.closed = True
+            rt._cond.notify_all()  # a thread waiting to run a step of ours gives up
+            while slot.busy is not None:
+                rt._cond.wait()
+            if self._done:  # the step ended the stream itself
+                return
+            slot.busy = me
+            owned = rt._owner is slot and not rt.closed
         try:
-            self.rt._acquire(self, None, closing=True)
-        except ClosedError:
-            self._drop()
-            return
-        self._finish()
+            if owned:
+                self._finish()
+            else:  # never started, or preempted, or the runtime is closed: the backend is not ours
+                self._drop()
+        finally:
+            rt._leave_step(slot)
 
     def _drop(self) -> None:
-        self._done, self._saved = True, None
+        self._done = self._slot.closed = True
+        self._slot.saved = None
         if self._inner is not None:
-            self._inner.close()  # its cleanup skips the backend, which it no longer owns
-        self.rt._release(self)
+            self._inner.close()  # its cleanup skips the backend, which it does not own
+        self.rt._release(self._slot)
         self._leave()
 
     def __del__(self):
@@ -211,7 +246,7 @@ class Generation(Iterator[str]):
                 # no cleanup on the backend here (a collector may run at any time): the next request trims
                 # the cache to its own prompt
                 self._done = True
-                self.rt._release(self)
+                self.rt._abandon(self._slot)
                 self._leave()
         except Exception:
             pass
@@ -241,10 +276,9 @@ class Runtime:
         self.plan = None  # the memory plan, when loaded with a budget
         self.closed = False
         self._cond = threading.Condition(threading.Lock())
-        self._owner_ref: weakref.ref[Generation] | None = None  # weak: an abandoned stream frees the model
-        self._in_step = False
-        self._owner_thread: int | None = None
-        self._waiting: deque[Generation] = deque()
+        self._owner: _Slot | None = None  # the request whose cache the model holds
+        self._owner_thread: int | None = None  # the thread that last ran a step of it
+        self._waiting: deque[_Slot] = deque()
         costs = None
         if drafter is not None and fixed_depth is None:
             costs = calibrate(backend)  # seed the cost model (~1 s)
@@ -277,58 +311,67 @@ class Runtime:
         return {"exact_rows": self.backend.exact_rows, "exact_context": self.backend.exact_context}
 
     # ---- ownership ------------------------------------------------------------------------------
-    @property
-    def _owner(self) -> Generation | None:
-        ref = self._owner_ref
-        return ref() if ref is not None else None
-
-    def _set_owner(self, gen: Generation | None, thread: int | None = None) -> None:
-        self._owner_ref = weakref.ref(gen) if gen is not None else None
-        self._in_step, self._owner_thread = gen is not None, thread
-
-    def _acquire(self, gen: Generation, timeout: float | None, closing: bool = False) -> None:
+    def _enter(self, slot: _Slot, timeout: float | None) -> bool:
+        """Wait until this thread may run a step of ``slot``'s request: no other thread runs its code, and the
+        model is ours (free and our turn, or preempted from a stream this thread suspended). False if the
+        request is closed meanwhile; ``ClosedError`` if the runtime is."""
         me = threading.get_ident()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            if self.closed and not closing:
-                raise ClosedError("this runtime has been closed")
-            if self._owner is gen:
-                self._set_owner(gen, me)
-                return
-            self._waiting.append(gen)
+            self._waiting.append(slot)
             try:
                 while True:
-                    if self.closed and closing:
+                    if self.closed:
                         raise ClosedError("this runtime has been closed")
+                    if slot.closed:
+                        return False
                     owner = self._owner
-                    free = owner is None and self._waiting[0] is gen
+                    free = owner is None and self._waiting[0] is slot
                     # the owner waits at a yield, and it is this thread that drives it: waiting would never
                     # end, so it is preempted (its cache saved, restored when it resumes)
-                    preempt = owner is not None and not self._in_step and self._owner_thread == me
-                    if free or preempt:
+                    preempt = (owner is not None and owner is not slot and owner.busy is None
+                               and self._owner_thread == me)
+                    if slot.busy is None and (owner is slot or free or preempt):
                         if preempt:
-                            owner._suspend()
-                        self._set_owner(gen, me)
-                        return
+                            owner.saved = self.backend.save_state()
+                        self._owner, self._owner_thread, slot.busy = slot, me, me
+                        return True
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         raise BusyError(f"the model is serving another request (waited {timeout:.1f} s)")
                     self._cond.wait(left)
             finally:
-                self._waiting.remove(gen)
+                self._waiting.remove(slot)
                 self._cond.notify_all()
 
-    def _pause(self, gen: Generation) -> None:
+    def _leave_step(self, slot: _Slot) -> None:
         with self._cond:
-            if self._owner is gen:
-                self._in_step = False
-                self._cond.notify_all()
-
-    def _release(self, gen: Generation) -> None:
-        with self._cond:
-            if self._owner in (gen, None):
-                self._set_owner(None)
+            slot.busy = None
             self._cond.notify_all()
+
+    def _release(self, slot: _Slot) -> None:
+        with self._cond:
+            self._free(slot)
+
+    def _free(self, slot: _Slot) -> None:
+        """With the lock held: the model is no longer ``slot``'s."""
+        if self._owner is slot:
+            self._owner = None
+        self._cond.notify_all()
+
+    def _abandon(self, slot: _Slot) -> None:
+        """A stream that nobody holds frees the model; from ``__del__``, so it never blocks: if the lock is
+        taken (maybe by this very thread, further up its stack), a short-lived thread waits for it."""
+        slot.closed, slot.saved = True, None
+        if self._owner is not slot:  # (it never becomes the owner again once closed)
+            return
+        if self._cond.acquire(blocking=False):
+            try:
+                self._free(slot)
+            finally:
+                self._cond.release()
+        else:
+            threading.Thread(target=self._release, args=(slot,), name="edgespec-release", daemon=True).start()
 
     # ---- prompts --------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -427,16 +470,17 @@ class Runtime:
         return out
 
     def close(self) -> None:
-        """Free the model: a stream in another thread finishes its step first; a waiting stream is dropped;
-        adapted drafter state is saved. Later calls raise ``ClosedError``."""
+        """Free the model: a stream in another thread is asked to stop and finishes its step first; a waiting
+        request gets ``ClosedError``; adapted drafter state is saved. Later calls raise ``ClosedError``."""
         with self._cond:
             if self.closed:
                 return
-            while self._owner is not None and self._in_step:
+            while self._owner is not None and self._owner.busy is not None:
+                self._owner.stop = True  # a long prefill stops at its next batch
                 self._cond.wait()
             self.closed = True
-            self._set_owner(None)
-            self._cond.notify_all()
+            self._owner = None
+            self._cond.notify_all()  # waiters raise ClosedError
         if self.adapter is not None:
             background.WORKER.cancel(self.adapter)  # a running update step finishes; the rest is dropped
             self.adapter.close()  # saves what was adapted

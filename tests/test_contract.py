@@ -5,6 +5,9 @@
   statistics per request.
 * Same seed, same output, however deep the drafter drafts.
 * Bad input is a clear error when the request is made (and in the CLI, before a model loads).
+* ``Generation.close()`` from any thread waits for a running step and releases the model after it; waiters
+  give up when their stream or the runtime closes; a dropped stream is freed by refcounting, and its
+  ``__del__`` never blocks.
 * A closed runtime raises ``ClosedError``; a long prefill stops when cancelled; stop strings across tokens
   and in the final flush; the context filling up while speculating.
 * The CLI's default path where torch is not installed.
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +33,7 @@ import pytest
 from edgespec.backends.base import BackendError
 
 import edgespec
-from edgespec import BusyError, ClosedError, cli
+from edgespec import BusyError, ClosedError, background, cli
 from edgespec.generate import TextOut
 from edgespec.runtime import TemplateError
 
@@ -428,6 +432,198 @@ def test_cancel_stops_a_long_prefill(smol_path):
     finally:
         rt.close()
 
+
+# ---- close and cancel from any thread ------------------------------------------------------------------
+class WatchedCondition(threading.Condition):
+    """``Runtime._cond`` that sets ``arrived[name]`` when the thread of that name starts waiting on it."""
+
+    def __init__(self):
+        super().__init__(threading.Lock())
+        self.arrived: dict[str, threading.Event] = {}
+
+    def wait(self, timeout=None):
+        ev = self.arrived.get(threading.current_thread().name)
+        if ev is not None:
+            ev.set()
+        return super().wait(timeout)
+
+
+def watched(rt, *names) -> dict[str, threading.Event]:
+    """Replace ``rt._cond`` (idle runtime) by a WatchedCondition; one Event per thread name: set when that
+    thread waits on the runtime's lock (or, set by the test's own threads, when they end)."""
+    rt._cond = WatchedCondition()
+    rt._cond.arrived.update({n: threading.Event() for n in names})
+    return rt._cond.arrived
+
+
+def run(name: str, fn, box: dict, arrived: dict | None = None) -> threading.Thread:
+    """Start ``fn`` in a thread named ``name``; its result or exception goes to ``box[name]``."""
+    def body():
+        try:
+            box[name] = fn()
+        except BaseException as e:  # noqa: BLE001
+            box[name] = e
+        finally:
+            if arrived is not None and name in arrived:
+                arrived[name].set()
+
+    t = threading.Thread(target=body, name=name, daemon=True)
+    t.start()
+    return t
+
+
+def test_close_from_another_thread_waits_for_the_running_step(smol_path):
+    """A Stop button: the stream is read in one thread, blocked inside a step (its cancel callback waits),
+    and another thread closes it. close() asks the step to stop and returns only after it finished; the
+    next request starts its step only after that (before: close() closed a generator that was still running
+    and released the model under it)."""
+    rt = _load(SMOL, n_ctx=256)
+    threads: list[threading.Thread] = []
+    try:
+        arrived = watched(rt, "closer", "next")
+        order: list[str] = []
+        inside, go, armed = threading.Event(), threading.Event(), threading.Event()
+
+        def hook():  # the reader's cancel callback, called inside each step
+            if armed.is_set() and not inside.is_set():
+                inside.set()
+                go.wait(120)
+                order.append("step ends")
+            return False
+
+        def next_hook():
+            if "next request steps" not in order:
+                order.append("next request steps")
+            return False
+
+        g = rt.stream(P3, max_tokens=32, ignore_eos=True, cancel=hook)
+        box: dict = {}
+        first = next(g)
+        armed.set()
+        reader = run("reader", lambda: first + "".join(g), box)
+        threads.append(reader)
+        assert inside.wait(120)  # the reader is inside a step
+        closer = run("closer", lambda: (g.close(), order.append("close returns")), box, arrived)
+        threads.append(closer)
+        assert arrived["closer"].wait(120)
+        assert "closer" not in box, f"close() returned while the step still ran: {box.get('closer')!r}"
+        other = run("next", lambda: rt.generate(P1, max_tokens=2, cancel=next_hook), box, arrived)
+        threads.append(other)
+        assert arrived["next"].wait(120)
+        assert "next" not in box and "next request steps" not in order, "a request ran beside the step"
+        go.set()
+        for t in (reader, closer, other):
+            t.join(120)
+            assert not t.is_alive()
+        assert not any(isinstance(v, BaseException) for v in box.values()), box
+        assert order.index("step ends") < order.index("close returns")
+        assert order.index("step ends") < order.index("next request steps")
+        assert g.stats.finish_reason == "cancelled" and len(g.tokens) < 32
+        assert box["next"].text == rt.generate(P1, max_tokens=2).text  # the runtime goes on working
+    finally:
+        go.set()
+        for t in threads:
+            t.join(120)
+        rt.close()
+
+
+def test_close_from_inside_its_own_step(smol_path):
+    """close() called by the stream's own cancel callback (inside its step, in the reading thread) cannot
+    wait for itself: it asks the step to stop, and the stream ends cancelled and frees the model."""
+    rt = _load(SMOL, n_ctx=256)
+    try:
+        box = {}
+
+        def hook():
+            if "g" in box:
+                box.pop("g").close()
+            return False
+
+        g = rt.stream(P3, max_tokens=32, ignore_eos=True, cancel=hook)
+        first = next(g)
+        box["g"] = g
+        rest = "".join(g)
+        assert g.stats.finish_reason == "cancelled" and len(g.tokens) < 32, (first, rest)
+        other = run("other", lambda: rt.generate(P1, max_tokens=2, timeout=30), box)
+        other.join(120)
+        assert not isinstance(box.get("other"), BaseException), box
+    finally:
+        rt.close()
+
+
+def test_waiters_recheck_closed(smol_path):
+    """A thread waiting for the model gives up when its stream is closed (before: it ran the closed stream
+    once the model was free) and gets ClosedError when the runtime closes (before: it took the model of the
+    closed runtime and failed in the backend)."""
+    rt = _load(SMOL, n_ctx=256)
+    try:
+        arrived = watched(rt, "stream waits", "request waits")
+        box: dict = {}
+        held = rt.stream(P3, max_tokens=8)
+        next(held)  # this thread holds the model, suspended at a yield
+        waiting = rt.stream(P1, max_tokens=8)
+        t1 = run("stream waits", lambda: list(waiting), box, arrived)
+        assert arrived["stream waits"].wait(120) and not box
+        waiting.close()
+        list(held)  # the model is free
+        t1.join(120)
+        assert box["stream waits"] == [] and waiting.tokens == []
+
+        held = rt.stream(P3, max_tokens=8)
+        next(held)
+        t2 = run("request waits", lambda: rt.generate(P1, max_tokens=8), box, arrived)
+        assert arrived["request waits"].wait(120) and "request waits" not in box
+        rt.close()
+        t2.join(120)
+        assert isinstance(box["request waits"], ClosedError), box
+    finally:
+        rt.close()
+
+
+@pytest.mark.parametrize("draft", [None, "ngram"])
+def test_abandoned_stream_is_freed_by_refcounting(runtimes, draft):
+    """A stream dropped half-way is freed at once, without the cycle collector, and frees the model (before:
+    it held itself through a lambda and waited for ``gc``)."""
+    rt = runtimes(draft)
+    g = rt.stream(P1, max_tokens=N)
+    next(g)
+    ref = weakref.ref(g)
+    gc.disable()
+    try:
+        del g
+        assert ref() is None, "the abandoned stream is kept alive by a reference cycle"
+        r = rt.generate(P2, max_tokens=N, timeout=30)
+    finally:
+        gc.enable()
+    assert r.text == alone(rt, P2)[0]
+    assert not background.ACTIVITY.busy()
+
+
+def test_abandoned_stream_freed_while_its_thread_holds_the_lock(smol_path):
+    """``__del__`` can run anywhere, also while the same thread holds the runtime's lock: it must not block
+    (before: a deadlock on the non-reentrant lock); the model is freed once the lock is released."""
+    rt = _load(SMOL, n_ctx=256)
+    keep = [rt.stream(P3, max_tokens=8)]
+    next(keep[0])
+    box: dict = {}
+
+    def drop_under_the_lock():
+        with rt._cond:
+            keep.clear()  # the last reference: __del__ runs here
+            gc.collect()  # or here, if a reference cycle kept it
+        return True
+
+    t = run("dropper", drop_under_the_lock, box)
+    t.join(60)
+    if t.is_alive():  # the lock stays taken: closing the runtime would hang too
+        pytest.fail("Generation.__del__ deadlocked on the runtime's lock")
+    try:
+        other = run("other", lambda: rt.generate(P1, max_tokens=2, timeout=30), box)
+        other.join(120)
+        assert not isinstance(box.get("other"), BaseException), box
+        assert box["other"].text
+    finally:
+        rt.close()
 
 # ---- stop strings and the context limit --------------------------------------------------------------
 @pytest.fixture(scope="module")
