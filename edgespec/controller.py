@@ -154,6 +154,14 @@ class Controller:
         n = len(tree.tokens) + 1
         old = self.verify_s.get(n)
         self.verify_s[n] = verify_s if old is None else (1 - a) * old + a * verify_s
+        if n == 1 and old:
+            # a one-row step gets dearer as the context grows (attention), and plain steps are most of the
+            # observations: the rest of the table moves with it, or its ratios c(n) would shrink towards 1 and
+            # a long context would make drafting look free
+            f = self.verify_s[1] / old
+            for k in self.verify_s:
+                if k != 1:
+                    self.verify_s[k] *= f
         self._since_priced += 1
         if not tree.tokens:
             return

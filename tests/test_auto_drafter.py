@@ -143,3 +143,15 @@ def test_the_default_drafters_declared_bytes_match_its_resident_set(qwen_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert abs(out["declared_mib"] - out["rss_growth_mib"]) <= 0.1 * out["rss_growth_mib"], out
     assert out["declared_mib"] < 64, out
+
+
+def test_verify_costs_keep_their_ratios_as_one_row_steps_get_dearer():
+    """Plain steps at a long context are slower than at calibration; drafting must not look cheaper for it."""
+    from edgespec.controller import Controller
+
+    ctl = Controller()
+    ctl.verify_s.update({1: 0.05, 2: 0.075, 4: 0.085})
+    for _ in range(40):
+        ctl.observe(DraftTree(), [], draft_s=0.0, verify_s=0.08)  # plain steps, 1.6x dearer than calibrated
+    assert abs(ctl.verify_s[1] - 0.08) < 1e-3
+    assert abs(ctl.verify_s[2] / ctl.verify_s[1] - 1.5) < 1e-9 and abs(ctl.verify_s[4] / ctl.verify_s[1] - 1.7) < 1e-9
