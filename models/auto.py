@@ -84,9 +84,7 @@ class AutoDrafter:
 
     def with_sources(self, first: list[Drafter]) -> AutoDrafter:
         """The same drafter with per-request sources (a prediction) asked first; the rest is shared."""
-        out = AutoDrafter(first + self.sources, self.head, self.gate)
-        out.max_depth = max(out.max_depth, self.max_depth)
-        return out
+        return AutoDrafter(first + self.sources, self.head, self.gate)
 
     def propose(self, ctx: DraftContext, shape: TreeShape) -> DraftTree:
         best, best_gain = DraftTree(), 0.0
