@@ -81,6 +81,8 @@ class MemoryInfo:
 
 
 class Backend(Protocol):
+    name: str  # the backend's kind: "llama.cpp" or "mlx"
+    path: str  # the GGUF file the model was loaded from
     info: ModelInfo
     n_ctx: int
     cached: list[int]  # tokens committed to the cache, in order
@@ -93,6 +95,10 @@ class Backend(Protocol):
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]: ...
 
     def token_bytes(self, token: int) -> bytes: ...
+
+    def tensor_rows(self, *names: str) -> list:
+        """``gguf_file.TensorRows`` of the model's 2-D tensors ``names`` (e.g. its embedding table), read on demand
+        from the file, never kept resident (drafters read the target's embeddings through this)."""
 
     def prefill(self, tokens: list[int], want_hidden: bool = False,
                 cancel: Callable[[], bool] | None = None) -> ForwardOut:

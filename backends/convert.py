@@ -74,7 +74,7 @@ def mode(bits: int | str | None) -> str:
 
 def mlx_dir(gguf_path: str | Path, bits: int | str | None = "gguf") -> Path:
     """Where the converted model of ``gguf_path`` lives (whether or not it exists yet)."""
-    from edgespec.backends.paths import cache_dir
+    from edgespec.paths import cache_dir
 
     return cache_dir() / "mlx" / f"{Path(gguf_path).stem}-{mode(bits)}"
 

@@ -1,50 +1,23 @@
-"""Reading GGUF files without loading them: header queries in a child process, tensor rows on demand.
+"""Tensor rows of a GGUF file on demand, without loading it (header queries: ``edgespec.gguf_header``).
 
-``gguf.GGUFReader`` leaves most of the file resident while it parses (measured: +490 MiB RSS for the
-491 MB qwen2.5-coder-0.5b file), which a memory budget cannot afford, so header queries run in a
-short-lived child process. Tensor rows are then read with ``os.pread`` and dequantized one slice at a
-time: unlike pages of a memory map, which stay in the process's RSS once touched (a drafter that reads
-one embedding row per step would slowly map the whole table), read bytes live only in the page cache.
+Rows are read with ``os.pread`` and dequantized one slice at a time: unlike pages of a memory map, which stay in the
+process's RSS once touched (a drafter that reads one embedding row per step would slowly map the whole table), read
+bytes live only in the page cache.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
-
-def in_child(func: str, *args: str):
-    """Run ``module:function(*args)`` in a fresh interpreter and return its JSON-able result."""
-    module, name = func.split(":")
-    code = f"import json, sys; from {module} import {name} as f; print(json.dumps(f(*sys.argv[1:])))"
-    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise ValueError(f"cannot read the GGUF header of {args[0]}: {r.stderr.strip().splitlines()[-1:]}")
-    return json.loads(r.stdout)
-
-
-def _tensor_locations(path: str, *names: str) -> dict:
-    from gguf import GGUFReader
-
-    wanted = set(names) | ({"token_embd.weight"} if "output.weight" in names else set())
-    out = {t.name: {"offset": int(t.data_offset), "type": int(t.tensor_type), "shape": [int(x) for x in t.shape],
-                    "n_bytes": int(t.n_bytes)} for t in GGUFReader(path).tensors if t.name in wanted}
-    if "output.weight" in names and "output.weight" not in out and "token_embd.weight" in out:
-        out["output.weight"] = out["token_embd.weight"]  # tied embeddings: the output head is the input table
-    missing = set(names) - set(out)
-    if missing:
-        raise KeyError(f"no tensor {sorted(missing)} in {path}")
-    return out
+from edgespec.gguf_header import in_child
 
 
 def tensor_rows(path: str | Path, *names: str) -> list[TensorRows]:
     """``TensorRows`` for several tensors of one file, with a single header read."""
-    locs = in_child("edgespec.backends.gguf_file:_tensor_locations", str(path), *names)
+    locs = in_child("edgespec.gguf_header:tensor_locations", str(path), *names)
     return [TensorRows(path, n, locs[n]) for n in names]
 
 
@@ -54,7 +27,7 @@ class TensorRows:
     def __init__(self, path: str | Path, name: str, loc: dict | None = None):
         from gguf import GGMLQuantizationType
 
-        loc = loc or in_child("edgespec.backends.gguf_file:_tensor_locations", str(path), name)[name]
+        loc = loc or in_child("edgespec.gguf_header:tensor_locations", str(path), name)[name]
         self.qtype = GGMLQuantizationType(loc["type"])
         self.n_cols, self.n_rows = loc["shape"]  # GGUF lists the fastest-varying dimension first
         self.row_bytes = loc["n_bytes"] // self.n_rows
@@ -94,3 +67,14 @@ class TensorRows:
             raw = self.raw(rows[i:i + chunk])
             out[i:i + chunk] = dequantize(raw, self.qtype).reshape(-1, self.n_cols)
         return out
+
+
+class GgufFile:
+    """A model's file as far as a drafter reads it (``Backend.path`` and ``Backend.tensor_rows``), for offline
+    tools that replay or train without loading the model."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+
+    def tensor_rows(self, *names: str) -> list[TensorRows]:
+        return tensor_rows(self.path, *names)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import llama_cpp as lc
 import numpy as np
+
 from edgespec.backends import hugepages
 from edgespec.backends.base import (
     BackendError,
@@ -219,6 +220,11 @@ class LlamaCppBackend:
 
     def _piece(self, token: int, special: bool = False) -> bytes:
         return token_piece(self._vocab, token, special)
+
+    def tensor_rows(self, *names: str) -> list:
+        from edgespec.backends.gguf_file import tensor_rows
+
+        return tensor_rows(self.path, *names)
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes a token contributes to the text (control tokens contribute none)."""

@@ -22,6 +22,9 @@ import llama_cpp as lc
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import KVCache
+
 from edgespec.backends import convert
 from edgespec.backends.base import (
     BackendError,
@@ -35,8 +38,6 @@ from edgespec.backends.base import (
     tree_depths,
 )
 from edgespec.backends.llama_cpp import LoadError, init_once, meta_str, token_piece, tokenize
-from mlx.utils import tree_flatten
-from mlx_lm.models.cache import KVCache
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -219,6 +220,11 @@ class MlxBackend:
     # ---- text -----------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         return self._tok.tokenize(text, add_special, parse_special)
+
+    def tensor_rows(self, *names: str) -> list:
+        from edgespec.backends.gguf_file import tensor_rows
+
+        return tensor_rows(self.path, *names)
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes a token contributes to the text (control tokens contribute none)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import llama_cpp as lc
 import numpy as np
+
 from edgespec.backends.base import BackendError
 
 

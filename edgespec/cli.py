@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from edgespec import __version__, registry
+from edgespec import __version__, paths, registry
 from edgespec.backends.base import BackendError
 from edgespec.benches.prompts import SETS as PROMPT_SETS
 from edgespec.generate import PromptTooLongError, Stats
@@ -266,11 +266,11 @@ def _show_session_stats(rt, sess) -> None:
 
 
 def cmd_drafter(a: argparse.Namespace) -> int:
-    from edgespec.models.online import state_path
+    from edgespec.models.drafting.online import state_path
 
     targets = [a.target] if a.target else list(registry.MODELS)
     for t in targets:
-        p = state_path(registry.cache_dir(), registry.model_key(t))
+        p = state_path(paths.cache_dir(), registry.model_key(t))
         if p.exists():
             p.unlink()
             print(f"removed the adapted drafter state for {t} ({p})")
@@ -280,43 +280,35 @@ def cmd_drafter(a: argparse.Namespace) -> int:
 
 
 def cmd_train_drafter(a: argparse.Namespace) -> int:
+    from edgespec.models.training import collect
+    from edgespec.models.training.train_redrafter import TrainConfig, train_collected
+
     # the collection's knobs: flag -> (CollectConfig field, value given)
     knobs = {"--instructions-per-shard": ("prompts_per_shard", a.instructions_per_shard),
              "--texts-per-shard": ("texts_per_shard", a.texts_per_shard), "--rows": ("rows", a.rows),
              "--seed": ("seed", a.seed)}
-    if a.collect_only:
-        from edgespec.models import collect
-
-        if a.data_dir and len(a.data_dir) > 1:
-            raise ValueError("--collect-only writes one collection: give one --data-dir")
-        out_dir = Path(a.data_dir[0]) if a.data_dir else collect.default_dir(a.target)
-        positions = a.positions or 2_000_000
-        cfg = collect.CollectConfig(**{field: v for _, (field, v) in knobs.items() if v is not None})
-        shards = collect.run(a.target, positions, threads=a.threads, out_dir=out_dir, cfg=cfg)
-        n = sum(collect.shard_positions(p) for p in shards)
-        print(f"{len(shards)} shards, {n} positions in {out_dir}")
-        return 0
-    given = [flag for flag, (_, v) in knobs.items() if v is not None]
-    if given:
-        raise ValueError(f"{', '.join(given)} shape a collection: use them with --collect-only")
-    from edgespec.models.train_redrafter import TrainConfig, pipeline, train_collected
-
+    given = {field: v for _, (field, v) in knobs.items() if v is not None}
+    if a.train_only and (given or a.positions):
+        flags = [f for f, (_, v) in knobs.items() if v is not None] + (["--positions"] if a.positions else [])
+        raise ValueError(f"{', '.join(flags)} shape a collection: --train-only collects nothing")
+    if a.train_only and a.collect_only:
+        raise ValueError("--train-only and --collect-only exclude each other")
+    data_dirs = [Path(d) for d in a.data_dir] if a.data_dir else [collect.default_dir(a.target)]
+    if not a.train_only:
+        if len(data_dirs) > 1:
+            raise ValueError("a collection goes to one --data-dir")
+        shards = collect.run(a.target, a.positions or 2_000_000, threads=a.threads, out_dir=data_dirs[0],
+                             cfg=collect.CollectConfig(**given))
+        print(f"{len(shards)} shards, {sum(collect.shard_positions(p) for p in shards)} positions in {data_dirs[0]}")
+        if a.collect_only:
+            return 0
+    for d in data_dirs:
+        if not list(d.glob("shard_*.npz")):
+            raise ValueError(f"no collected shards in {d}: collect them first with --collect-only")
     tc = TrainConfig(steps=a.steps, batch=a.batch, n_draft=a.draft_vocab, depth=a.depth, depth_weight=a.depth_weight,
                      d_rnn=a.d_rnn, n_blocks=a.blocks, lr=a.lr, threads=a.threads, time_budget_s=a.time_budget)
-    out = Path(a.out) if a.out else registry.cache_dir() / "drafters" / f"redrafter-{a.target}.npz"
-    if a.train_only:
-        from edgespec.models import collect
-
-        data_dirs = [Path(d) for d in a.data_dir] if a.data_dir else [collect.default_dir(a.target)]
-        for d in data_dirs:
-            if not list(d.glob("shard_*.npz")):
-                raise ValueError(f"no collected shards in {d}: collect them first with --collect-only")
-        tr = train_collected(a.target, data_dirs, out, tc)
-    else:
-        if a.positions or a.data_dir:
-            raise ValueError("--positions and --data-dir describe the v2 collection: collect it with "
-                             "--collect-only, then train on it with --train-only")
-        tr = pipeline(a.target, out, tc, segments=a.segments, self_distill=a.self_distill, threads=a.threads)
+    out = Path(a.out) if a.out else paths.cache_dir() / "drafters" / f"redrafter-{a.target}.npz"
+    tr = train_collected(a.target, data_dirs, out, tc)
     last = next((r["held_out"] for r in reversed(tr.history) if "held_out" in r), {})
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB), model card {out.with_suffix('.md')}")
     print(f"held-out greedy chain acceptance per depth: {[round(x, 3) for x in last.get('chain_accept', [])]}")
@@ -409,10 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "starts only where the headroom takes it)")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("train-drafter", help="collect distillation data from a target and train a ReDrafter head")
+    p = sub.add_parser("train-drafter",
+                       help="collect distillation data from a target (resumable) and train a ReDrafter head")
     p.add_argument("--target", required=True, help="target model id (or .gguf path)")
-    p.add_argument("--segments", type=int, default=320, help="corpus segments of 256 tokens (default 320)")
-    p.add_argument("--self-distill", type=int, default=48, help="prompts the target answers itself (default 48)")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--depth", type=int, default=4, help="draft depths trained")
@@ -425,20 +416,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=None,
                    help="fit the training steps into this many seconds (measured on the first steps)")
     p.add_argument("--train-only", action="store_true",
-                   help="train on the v2 collection in --data-dir (made with --collect-only), collecting nothing")
+                   help="train on the collection in --data-dir (made with --collect-only), collecting nothing")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="weights file (default: the user's drafter directory)")
     p.add_argument("--collect-only", action="store_true",
-                   help="only collect the v2 distillation data (resumable: run it again to continue)")
+                   help="only collect the distillation data (resumable: run it again to continue)")
     p.add_argument("--positions", type=int, default=None,
-                   help="positions to collect with --collect-only (default 2000000)")
+                   help="positions to collect (default 2000000)")
     p.add_argument("--instructions-per-shard", type=int, default=None,
-                   help="with --collect-only: instructions the target answers per shard (default 32; 0: only "
+                   help="instructions the target answers per shard (default 32; 0: only "
                         "teacher-forced text)")
     p.add_argument("--texts-per-shard", type=int, default=None,
-                   help="with --collect-only: teacher-forced windows per shard (default 16)")
-    p.add_argument("--rows", type=int, default=None, help="with --collect-only: rows per decode (default 64)")
-    p.add_argument("--seed", type=int, default=None, help="with --collect-only: the material's order (default 0)")
+                   help="teacher-forced windows per shard (default 16)")
+    p.add_argument("--rows", type=int, default=None, help="rows per decode (default 64)")
+    p.add_argument("--seed", type=int, default=None, help="the material's order (default 0)")
     p.add_argument("--data-dir", default=None, action="append",
                    help="collection directory (default ~/.cache/edgespec/distill/<target>-v2); with --train-only "
                         "it may be repeated to train on several collections")

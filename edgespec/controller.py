@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgespec.models.drafter import DraftTree, TreeShape
+from edgespec.models.drafting.drafter import DraftTree, TreeShape
 
 REPRICE = 16  # verifies between two pricings of the tree's nodes
 

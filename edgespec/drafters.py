@@ -1,7 +1,7 @@
 """Drafter construction: a drafter spec (``auto``, ``ngram``, ``redrafter[:<file>]``, ``model:<id>``,
 ``xvocab:<id>``, ``none``) checked before any model loads, its planned memory, and the drafter itself.
 
-``auto`` is the combined default (``models/auto.py``): context n-grams, plus the ReDrafter head shipped or
+``auto`` is the combined default (``models/drafting/auto.py``): context n-grams, plus the ReDrafter head shipped or
 trained for the model (on probation: asked only while it pays), plus a request's prediction when given.
 
 This is the one place that turns a spec into a drafter, for the CLI, the API, the benches and the server.
@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgespec import registry
+from edgespec import paths, registry
 from edgespec.backends.base import Backend
-from edgespec.models.drafter import Drafter
+from edgespec.models.drafting.drafter import Drafter
 
 SPEC_HELP = "auto, ngram, redrafter[:<weights.npz>], model:<id or path>, xvocab:<id or path> or none"
 NGRAM_BYTES = 8 << 20  # the n-gram index of a 4k-token context, generously
@@ -41,10 +41,10 @@ class DraftSpec:
 def redrafter_weights(model: str) -> Path | None:
     """Weights for a ReDrafter head on ``model``: the user's own (``edgespec train-drafter``) first, then
     the ones shipped with edgespec."""
-    from edgespec.models import redrafter
+    from edgespec.models.drafting import redrafter
 
     name = redrafter.weights_path(registry.model_key(model)).name
-    user = registry.cache_dir() / "drafters" / name
+    user = paths.cache_dir() / "drafters" / name
     return user if user.exists() else redrafter.shipped(registry.model_key(model))
 
 
@@ -80,7 +80,7 @@ def parse(spec: str | None, model: str) -> DraftSpec:
 
 def check_redrafter_file(path: Path) -> None:
     """A one-line ``ModelError`` for a drafter file that is missing, not a file, or not ReDrafter weights."""
-    from edgespec.models import redrafter
+    from edgespec.models.drafting import redrafter
 
     if not path.exists():
         raise registry.ModelError(f"no drafter weights file at {path}")
@@ -112,7 +112,7 @@ def planned_footprint(spec: DraftSpec, adapt: bool = False,
     if spec.kind in ("ngram", "redrafter", "auto"):
         parts = {"ngram_index": NGRAM_BYTES} if spec.kind in ("ngram", "auto") else {}
         if spec.head is not None:
-            from edgespec.models import online, redrafter
+            from edgespec.models.drafting import online, redrafter
 
             parts["head"] = redrafter.declared_bytes(spec.head)
             if adapt:
@@ -123,7 +123,7 @@ def planned_footprint(spec: DraftSpec, adapt: bool = False,
     shape = read_shape(registry.resolve(spec.arg))
     extra = {}
     if spec.kind == "xvocab":
-        from edgespec.models.cross_vocab import declared_cache_bytes, declared_vocab_bytes
+        from edgespec.models.drafting.cross_vocab import declared_cache_bytes, declared_vocab_bytes
 
         extra = {f"{DRAFT}vocab_maps": declared_vocab_bytes(target_vocab, shape.n_vocab),
                  f"{DRAFT}span_cache": declared_cache_bytes(shape.n_vocab)}
@@ -138,28 +138,28 @@ def make(spec: DraftSpec, target: Backend, model: str, open_backend: Callable[[P
     if spec.kind == "none":
         return None
     if spec.kind in ("ngram", "auto"):
-        from edgespec.models.auto import AutoDrafter
-        from edgespec.models.ngram import NgramDrafter
+        from edgespec.models.drafting.auto import AutoDrafter
+        from edgespec.models.drafting.ngram import NgramDrafter
 
         if spec.kind == "ngram":
             return NgramDrafter()
         head = None
         if spec.head is not None:
-            from edgespec.models.redrafter import ReDrafter
+            from edgespec.models.drafting.redrafter import ReDrafter
 
-            head = ReDrafter(head_start(spec.head, model), Path(target.path), self_gating=True)
+            head = ReDrafter(head_start(spec.head, model), target, self_gating=True)
         return AutoDrafter([NgramDrafter()], head)
     if spec.kind == "redrafter":
-        from edgespec.models.redrafter import ReDrafter
+        from edgespec.models.drafting.redrafter import ReDrafter
 
-        return ReDrafter(head_start(spec.head, model), Path(target.path))
+        return ReDrafter(head_start(spec.head, model), target)
     backend = open_backend(registry.resolve(spec.arg))
     try:
         if spec.kind == "xvocab":
-            from edgespec.models.cross_vocab import CrossVocabDrafter
+            from edgespec.models.drafting.cross_vocab import CrossVocabDrafter
 
             return CrossVocabDrafter(backend, target)
-        from edgespec.models.draft_model import DraftModelDrafter
+        from edgespec.models.drafting.draft_model import DraftModelDrafter
 
         return DraftModelDrafter(backend, target_vocab=target.info.n_vocab)
     except BaseException:
@@ -169,7 +169,7 @@ def make(spec: DraftSpec, target: Backend, model: str, open_backend: Callable[[P
 
 def head_of(drafter: Drafter | None):
     """The ReDrafter head in ``drafter`` (itself, or the combined default's head), else None."""
-    from edgespec.models.auto import AutoDrafter
+    from edgespec.models.drafting.auto import AutoDrafter
 
     if isinstance(drafter, AutoDrafter):
         return drafter.head
@@ -177,15 +177,15 @@ def head_of(drafter: Drafter | None):
 
 
 def _state(model: str) -> Path:
-    from edgespec.models.online import state_path
+    from edgespec.models.drafting.online import state_path
 
-    return state_path(registry.cache_dir(), registry.model_key(model))
+    return state_path(paths.cache_dir(), registry.model_key(model))
 
 
 def head_start(weights: Path, model: str) -> Path:
     """The weights a head loads: this user's adapted state when it was adapted from ``weights`` (an explicit or
     newly trained head wins over an older state), else ``weights``. A corrupt state is ignored with a notice."""
-    from edgespec.models import redrafter
+    from edgespec.models.drafting import redrafter
 
     state = _state(model)
     if state.exists():
@@ -208,13 +208,13 @@ class LazyAdapter:
 
     @property
     def bytes(self) -> int:
-        from edgespec.models.online import declared_bytes
+        from edgespec.models.drafting.online import declared_bytes
 
         return declared_bytes(self.weights)
 
     def __call__(self):
-        from edgespec.models import redrafter
-        from edgespec.models.online import OnlineAdapter
+        from edgespec.models.drafting import redrafter
+        from edgespec.models.drafting.online import OnlineAdapter
 
         self.head.adapter = OnlineAdapter(self.head, path=_state(self.model), base=redrafter.file_digest(self.weights))
         return self.head.adapter

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from edgespec.backends.paths import cache_dir  # noqa: F401  (re-exported: registry.cache_dir)
+from edgespec import gguf_header
+from edgespec.paths import cache_dir
 
 
 class ModelError(RuntimeError):
@@ -292,30 +293,16 @@ def check_gguf(path: Path) -> None:
     """Cheap structural check of a GGUF: magic, header, and every tensor inside the file.
 
     Catches truncated and non-GGUF files before llama.cpp sees them (llama.cpp only logs to stderr).
-    The header is parsed in a child process: ``gguf.GGUFReader`` leaves much of the file resident.
     """
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ModelError(f"{path} is not a GGUF file (bad magic); it may be corrupt.")
-    code = "import sys; from edgespec.registry import _gguf_problem; print(_gguf_problem(sys.argv[1]) or '')"
-    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
-    problem = r.stdout.strip() if r.returncode == 0 else f"could not be read: {r.stderr.strip()[-300:]}"
+    try:
+        problem = gguf_header.in_child("edgespec.gguf_header:problem", str(path))
+    except ValueError as e:
+        problem = f"could not be read: {str(e)[-300:]}"
     if problem:
         raise ModelError(f"{path} {problem}")
-
-
-def _gguf_problem(path: str) -> str | None:
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:  # gguf raises ValueError/IndexError on broken headers
-        return f"is a corrupt or truncated GGUF file: {e}"
-    size = os.path.getsize(path)
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    if end > size:
-        return f"is truncated: tensors need {end} bytes but the file has {size}."
-    return None
 
 
 def remove(model_id: str) -> None:

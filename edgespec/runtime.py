@@ -37,8 +37,8 @@ from edgespec.generate import (
     stream,
 )
 from edgespec.memory.live import peak_rss_bytes, rss_bytes
-from edgespec.models.auto import AutoDrafter
-from edgespec.models.drafter import Drafter
+from edgespec.models.drafting.auto import AutoDrafter
+from edgespec.models.drafting.drafter import Drafter
 from edgespec.sampling import SamplingParams
 from edgespec.speculative import speculative_steps
 
@@ -505,11 +505,3 @@ def check_messages(messages) -> None:
             raise ValueError(f"messages[{i}] must be a dict with a string 'role'")
         if m.get("content") is not None and not isinstance(m["content"], str):
             raise ValueError(f"messages[{i}].content must be a string")
-
-
-def load(model: str | None = None, **options) -> Runtime:
-    """``edgespec.build.load`` (kept here for ``from edgespec.runtime import load``)."""
-    from edgespec import registry
-    from edgespec.build import load as _load
-
-    return _load(model or registry.DEFAULT_MODEL, **options)

@@ -11,7 +11,7 @@ Endpoints: ``POST /v1/chat/completions`` and ``/v1/completions`` (streamed as se
 Unsupported options are refused by name with an OpenAI-style error object, never ignored; a prompt that does
 not fit the context is refused with its token counts, never truncated. A multi-conversation prompt cache
 (``prompt_cache.py``) restores the KV state of recent conversations, and ``prediction`` (predicted outputs)
-drafts from the text the client expects (``models/prediction.py``).
+drafts from the text the client expects (``models/drafting/prediction.py``).
 
 Modules: ``server_app`` (state, routes), ``server_prepare`` (request to runtime), ``server_openai`` (reply and
 error shapes), ``server_engine`` (queue and worker), ``server_metrics``. This module runs it (``main``) and

@@ -10,7 +10,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from edgespec.models.prediction import PredictionDrafter
+from edgespec.models.drafting.prediction import PredictionDrafter
 from edgespec.runtime import ClosedError, Request, Runtime
 
 

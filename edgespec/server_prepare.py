@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from edgespec import tools as toolcalls
 from edgespec.api_models import ChatRequest, CompletionRequest
 from edgespec.generate import PromptTooLongError, check_stop
-from edgespec.models.prediction import PredictionDrafter
+from edgespec.models.drafting.prediction import PredictionDrafter
 from edgespec.runtime import Request, Runtime, TemplateError
 from edgespec.server_openai import APIError, value_error
 

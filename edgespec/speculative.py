@@ -27,7 +27,7 @@ import numpy as np
 from edgespec.backends.base import Backend, ForwardOut
 from edgespec.controller import Controller
 from edgespec.generate import Stats, StepSource
-from edgespec.models.drafter import DraftContext, Drafter, DraftTree, TreeShape, VerifyResult
+from edgespec.models.drafting.drafter import DraftContext, Drafter, DraftTree, TreeShape, VerifyResult
 from edgespec.sampling import PositionRng, SamplingParams, probs, sample, sample_from
 
 

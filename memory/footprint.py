@@ -53,8 +53,8 @@ class ModelShape:
 
 
 def read_shape(path: str | Path) -> ModelShape:
-    """Model dimensions and weight bytes from a GGUF header, read in a child process (see gguf_file)."""
-    from edgespec.backends.gguf_file import in_child
+    """Model dimensions and weight bytes from a GGUF header, read in a child process (``gguf_header``)."""
+    from edgespec.gguf_header import in_child
 
     return ModelShape(**in_child("edgespec.memory.footprint:_read_shape_dict", str(path)))
 

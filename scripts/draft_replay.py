@@ -20,9 +20,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-from edgespec.models.drafter import DraftContext, DraftTree, TreeShape, VerifyResult
 
+from edgespec.backends.gguf_file import GgufFile
 from edgespec.controller import controller_for
+from edgespec.models.drafting.drafter import DraftContext, DraftTree, TreeShape, VerifyResult
 
 SETS = (("humaneval", 20), ("chat", 20), ("adversarial", 10))
 # c(n) of session 9's HumanEval run (Intel Xeon family 6 model 167, 2 threads), BENCHMARKS.md
@@ -102,11 +103,10 @@ def replay_one(drafter, prompt, out, costs, hidden=None, oracle=False) -> tuple[
 
 def make_drafter(spec: str, model: str):
     """A drafter from a bench method spec (``ngram``, ``redrafter[:path][+gate]``), checked as the bench checks it."""
-    from edgespec.models.ngram import NgramDrafter
-    from edgespec.models.redrafter import ReDrafter
-
     from edgespec import drafters, registry
     from edgespec.benches.speed import parse_method
+    from edgespec.models.drafting.ngram import NgramDrafter
+    from edgespec.models.drafting.redrafter import ReDrafter
 
     try:
         m = parse_method(spec)
@@ -117,7 +117,7 @@ def make_drafter(spec: str, model: str):
         raise SystemExit(f"replay knows ngram and redrafter[:path][+gate], not {spec!r}")
     if d.kind == "ngram":
         return NgramDrafter()
-    return ReDrafter(Path(d.arg), registry.resolve(model), self_gating=m.gate)
+    return ReDrafter(Path(d.arg), GgufFile(registry.resolve(model)), self_gating=m.gate)
 
 
 def replay(args) -> None:

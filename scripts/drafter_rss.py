@@ -11,10 +11,10 @@ import json
 import sys
 
 import numpy as np
-from edgespec.memory.live import rss_bytes
-from edgespec.models.drafter import DraftContext, TreeShape
 
 from edgespec import drafters, registry
+from edgespec.memory.live import rss_bytes
+from edgespec.models.drafting.drafter import DraftContext, TreeShape
 
 
 def measure(model: str, drafts: int = 200) -> dict:

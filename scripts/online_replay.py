@@ -19,22 +19,23 @@ import time
 from pathlib import Path
 
 import numpy as np
-from edgespec.models.online import OnlineAdapter, OnlineConfig
-from edgespec.models.redrafter import ReDrafter
 from threadpoolctl import threadpool_limits
 
-from edgespec import registry
+from edgespec import paths, registry
+from edgespec.backends.gguf_file import GgufFile
 from edgespec.drafters import redrafter_weights
+from edgespec.models.drafting.online import OnlineAdapter, OnlineConfig
+from edgespec.models.drafting.redrafter import ReDrafter
 
 MODEL, PROMPTS, TOKENS, DEPTH, TOP_K = "qwen2.5-coder-1.5b", 80, 64, 4, 32
-TRAFFIC = registry.cache_dir() / "replay" / f"humaneval-{MODEL}-{PROMPTS}x{TOKENS}.npz"
+TRAFFIC = paths.cache_dir() / "replay" / f"humaneval-{MODEL}-{PROMPTS}x{TOKENS}.npz"
 
 
 def record_traffic(path: Path) -> None:
     """Plain greedy decoding of the prompts, keeping per position (hidden, token, top-k after it)."""
-    from edgespec.backends.llama_cpp import LlamaCppBackend
     from tqdm import tqdm
 
+    from edgespec.backends.llama_cpp import LlamaCppBackend
     from edgespec.benches.prompts import load_prompts
 
     target = LlamaCppBackend(registry.resolve(MODEL), n_ctx=1024, n_threads=2)
@@ -69,7 +70,7 @@ def record_traffic(path: Path) -> None:
 def replay(data: dict, cfg: OnlineConfig) -> np.ndarray:
     """Tokens per verify of each prompt, drafting chains of ``DEPTH`` and adapting after each prompt."""
     hidden, tokens, top_ids, top_logp = data["hidden"], data["tokens"], data["top_ids"], data["top_logp"]
-    drafter = ReDrafter(redrafter_weights(MODEL), registry.resolve(MODEL))
+    drafter = ReDrafter(redrafter_weights(MODEL), GgufFile(registry.resolve(MODEL)))
     drafter.adapter = ad = OnlineAdapter(drafter, cfg)
     k = cfg.top_k
     tpv = []

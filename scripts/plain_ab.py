@@ -15,9 +15,9 @@ import json
 import time
 
 import numpy as np
-from edgespec.backends.llama_cpp import LlamaCppBackend
 
 from edgespec import registry
+from edgespec.backends.llama_cpp import LlamaCppBackend
 from edgespec.benches.prompts import load_prompts
 
 VARIANTS = {

@@ -1,9 +1,9 @@
 """Confidence is measured, not assumed: drafters that guess worse than they believe lose their depth within a
 few steps, right ones keep drafting, and the default drafter asks a dear source only while it pays."""
 
-from edgespec.models.auto import AutoDrafter, Probation
-from edgespec.models.drafter import DraftContext, DraftTree, TreeShape, VerifyResult
-from edgespec.models.ngram import NgramDrafter
+from edgespec.models.drafting.auto import AutoDrafter, Probation
+from edgespec.models.drafting.drafter import DraftContext, DraftTree, TreeShape, VerifyResult
+from edgespec.models.drafting.ngram import NgramDrafter
 
 # marginal verify costs in plain steps, as on a 2-core Xeon (c(2) ~1.5, c(4) ~1.7, c(8) ~2.9)
 SHAPE = TreeShape(depth=6, max_nodes=16, node_cost=(0.5, 0.15, 0.05, 0.3, 0.3, 0.3, 0.3, 0.3) + (0.2,) * 8,

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from edgespec.backends.base import BackendError, StreamDecoder, detokenize
 
 TEXTS = [
@@ -162,6 +163,7 @@ def test_huge_pages_hold_the_weights_and_change_no_logits(smol_path, monkeypatch
     """Huge pages are a page-size change only: the backend's outputs stay bit-identical, and where the kernel
     can collapse pages (Linux with THP not ``never``) the weights end up in them."""
     from conftest import make_backend
+
     from edgespec.backends import hugepages
 
     small = make_backend(smol_path, huge_pages=False)

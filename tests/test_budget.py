@@ -6,17 +6,17 @@ import subprocess
 import sys
 
 import pytest
+
+from edgespec.drafters import NGRAM_BYTES
 from edgespec.memory.footprint import read_shape, run_footprint
 from edgespec.memory.live import MemoryGuard, rss_bytes
 from edgespec.memory.planner import SAFETY, BudgetError
-from edgespec.models.ngram import NgramDrafter
-
-from edgespec.drafters import NGRAM_BYTES
+from edgespec.models.drafting.ngram import NgramDrafter
 from edgespec.runtime import Runtime, load
 
 TIGHT_RUN = """
 import json, sys
-from edgespec.runtime import load
+from edgespec import load
 from edgespec.memory.live import peak_rss_bytes
 rt = load(sys.argv[1], n_ctx=1024, n_threads=2, draft="ngram", memory_budget=int(sys.argv[2]))
 sess = rt.session(system="You are terse.")

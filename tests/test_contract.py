@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edgespec.backends.base import BackendError
 
 import edgespec
 from edgespec import BusyError, ClosedError, background, cli
+from edgespec.backends.base import BackendError
 from edgespec.generate import TextOut
 from edgespec.runtime import TemplateError
 
@@ -336,7 +336,7 @@ def run_cli(*args, timeout=120):
 
 
 def _bad_files(tmp: Path) -> dict[str, list[str]]:
-    from edgespec.models.redrafter import FORMAT_VERSION
+    from edgespec.models.drafting.redrafter import FORMAT_VERSION
 
     junk = tmp / "junk.gguf"
     junk.write_bytes(b"this is not a model" * 100)

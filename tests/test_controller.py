@@ -1,8 +1,8 @@
 """The cost model: shapes chosen from the measured verify-cost table (no timing here: tables are given)."""
 import pytest
-from edgespec.models.ngram import NgramDrafter
 
 from edgespec.controller import Controller, ControllerConfig, controller_for
+from edgespec.models.drafting.ngram import NgramDrafter
 
 # single-step units, as measured on an Intel Xeon (AVX-512/AMX, 2 threads): 4 rows cost less than 3
 XEON = {1: 1.0, 2: 1.5, 3: 1.8, 4: 1.64, 5: 2.1, 6: 2.4, 8: 2.9, 12: 3.3, 16: 3.6}
@@ -80,7 +80,7 @@ def test_break_even_acceptance_from_the_cost_table():
 
 
 def test_a_chain_is_kept_by_its_best_prefix_not_node_by_node():
-    from edgespec.models.drafter import TreeShape
+    from edgespec.models.drafting.drafter import TreeShape
 
     steep = TreeShape(depth=8, max_nodes=8, node_cost=(1.4, 0.5, 0.4, 0.3, 0.3, 0.3, 0.3, 0.3))
     # the first node alone loses 0.45 of a step; four confident nodes gain 0.95 - 1.4 + 0.9 - 0.5 + ... > 0

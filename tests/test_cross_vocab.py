@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-from edgespec.models.cross_vocab import CrossVocabDrafter, DraftText, Translator, vocab_bytes
-from edgespec.models.drafter import DraftContext, TreeShape
 
 from edgespec.controller import controller_for
 from edgespec.generate import GenerationConfig, Stats, plain_steps, stream
+from edgespec.models.drafting.cross_vocab import CrossVocabDrafter, DraftText, Translator, vocab_bytes
+from edgespec.models.drafting.drafter import DraftContext, TreeShape
 from edgespec.sampling import SamplingParams, probs
 from edgespec.speculative import accept_sampling, speculative_steps
 from tests.conftest import make_backend

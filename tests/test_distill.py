@@ -1,4 +1,4 @@
-"""Distillation data v2 (models/collect.py, models/corpus.py): resumable and deterministic shards of the target's
+"""Distillation data v2 (models/training/collect.py and corpus.py): resumable and deterministic shards of the target's
 own answers and teacher-forced text, with no benchmark prompt in the instruction set."""
 
 import shutil
@@ -6,11 +6,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from edgespec.models import collect as col
-from edgespec.models.corpus import TEMPLATES, Decontaminator, Material
-from edgespec.models.distill import load_shards
-from edgespec.models.train_redrafter import Data
 
+from edgespec.models.training import collect as col
+from edgespec.models.training.corpus import TEMPLATES, Decontaminator, Material
+from edgespec.models.training.train_redrafter import Data
 from edgespec.runtime import Runtime
 
 # two answers at a time for three instructions (a freed slot takes the next one), six rows per decode (prompts
@@ -112,7 +111,7 @@ def test_shards_hold_hidden_states_and_top_k(runs, smol_path):
 
 def test_shards_load_for_training(runs):
     data = Data.load(runs["whole"])  # v2 shards padded to [N, T] for the trainer
-    seg = load_shards(runs["whole"], keys=("tokens", "source", "weight"))
+    seg = col.load_shards(runs["whole"], keys=("tokens", "source", "weight"))
     n = sum(len(np.load(p)["source"]) for p in runs["whole"])
     assert data.tokens.shape[0] == n and data.hidden.shape[:2] == data.tokens.shape
     assert int((data.tokens >= 0).sum()) == sum(col.shard_positions(p) for p in runs["whole"])
@@ -120,7 +119,7 @@ def test_shards_load_for_training(runs):
 
 
 def test_training_on_v2_shards_lowers_the_weighted_loss(runs, smol_path, tmp_path):
-    from edgespec.models.train_redrafter import TrainConfig, Trainer
+    from edgespec.models.training.train_redrafter import TrainConfig, Trainer
 
     tc = TrainConfig(depth=2, n_draft=256, d_rnn=16, rank=16, shortlist=8, steps=30, batch=32, lr=3e-3, ckpt_every=100,
                      eval_every=1000, depth_weight=0.5, threads=1)
@@ -151,7 +150,7 @@ def test_training_on_v2_shards_lowers_the_weighted_loss(runs, smol_path, tmp_pat
 
 
 def test_train_collected_holds_out_whole_items_and_writes_a_card(runs, smol_path, tmp_path):
-    from edgespec.models.train_redrafter import TrainConfig, train_collected
+    from edgespec.models.training.train_redrafter import TrainConfig, train_collected
 
     tc = TrainConfig(depth=2, n_draft=256, d_rnn=16, rank=16, shortlist=8, steps=4, batch=16, ckpt_every=100,
                      eval_every=1000, threads=1)

@@ -5,10 +5,10 @@ import subprocess
 import sys
 
 import pytest
-from edgespec.memory.footprint import read_shape, run_footprint
-from edgespec.memory.planner import BudgetError, parse_size, plan
 
 from edgespec.drafters import NGRAM_BYTES
+from edgespec.memory.footprint import read_shape, run_footprint
+from edgespec.memory.planner import BudgetError, parse_size, plan
 
 # Peak RSS from VmHWM: ru_maxrss is inherited across fork+exec on Linux, so a child of a big pytest
 # process would report the parent's peak.

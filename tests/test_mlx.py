@@ -16,7 +16,6 @@ pytest.importorskip("mlx_lm")
 from edgespec.backends import convert  # noqa: E402
 from edgespec.backends.base import BackendError, ContextFullError, detokenize  # noqa: E402
 from edgespec.backends.mlx_backend import MlxBackend  # noqa: E402
-
 from tests.conftest import QWEN, SMALL, make_backend  # noqa: E402
 
 MODE = "gguf"  # the default: llama.cpp's own codes, transcribed
@@ -364,10 +363,9 @@ def test_memory_figures(smol_mlx):
 
 # ---- speculative decoding on MLX ----------------------------------------------------------------
 def test_greedy_speculative_equals_plain(smol_mlx):
-    from edgespec.models.ngram import NgramDrafter
-
     from edgespec.controller import Controller, ControllerConfig
     from edgespec.generate import GenerationConfig, Stats, stream
+    from edgespec.models.drafting.ngram import NgramDrafter
     from edgespec.speculative import speculative_steps
 
     b = smol_mlx

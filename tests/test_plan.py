@@ -8,13 +8,14 @@ import sys
 
 import numpy as np
 import pytest
+
+from edgespec import drafters
+from edgespec.backends.gguf_file import GgufFile
+from edgespec.build import LoadOptions, apply_plan, load
+from edgespec.drafters import DraftSpec
 from edgespec.memory import live
 from edgespec.memory.footprint import DRAFT, read_shape, run_footprint
 from edgespec.memory.planner import SAFETY, plan
-
-from edgespec import drafters
-from edgespec.build import LoadOptions, apply_plan, load
-from edgespec.drafters import DraftSpec
 
 REDRAFTER_05B = drafters.redrafter_weights("qwen2.5-coder-0.5b")
 
@@ -52,7 +53,7 @@ VOCAB_TABLES = """
 import json, sys
 from edgespec.backends.llama_cpp import LlamaCppBackend
 from edgespec.memory import live
-from edgespec.models.cross_vocab import CrossVocabDrafter
+from edgespec.models.drafting.cross_vocab import CrossVocabDrafter
 target = LlamaCppBackend(sys.argv[1], n_ctx=256, n_threads=2, n_batch=32)
 draft = LlamaCppBackend(sys.argv[2], n_ctx=256, n_threads=2, n_batch=32)
 before = live.rss_bytes()
@@ -127,7 +128,7 @@ def test_context_between_halvings_still_reaches_the_least(smol_path):
 
 @pytest.mark.skipif(REDRAFTER_05B is None, reason="no ReDrafter head shipped for qwen2.5-coder-0.5b")
 def test_adapters_declared_bytes_are_counted_when_adapting(qwen_path):
-    from edgespec.models import online
+    from edgespec.models.drafting import online
 
     spec = DraftSpec("redrafter", str(REDRAFTER_05B))
     opts = LoadOptions(n_ctx=2048, draft=str(spec), memory_budget="4GB")
@@ -142,10 +143,10 @@ def test_adapters_declared_bytes_are_counted_when_adapting(qwen_path):
 
 @pytest.mark.skipif(REDRAFTER_05B is None, reason="no ReDrafter head shipped for qwen2.5-coder-0.5b")
 def test_adapters_live_footprint_matches_its_declaration(qwen_path):
-    from edgespec.models import online
-    from edgespec.models.redrafter import ReDrafter
+    from edgespec.models.drafting import online
+    from edgespec.models.drafting.redrafter import ReDrafter
 
-    d = ReDrafter(REDRAFTER_05B, qwen_path)
+    d = ReDrafter(REDRAFTER_05B, GgufFile(qwen_path))
     d.adapter = online.OnlineAdapter(d)
     assert d.adapter.footprint() == online.declared_bytes(REDRAFTER_05B)
     assert d.footprint()["max"] >= d.adapter.footprint() + 4 * d.n_params

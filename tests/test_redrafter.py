@@ -2,30 +2,36 @@
 
 import numpy as np
 import pytest
-from edgespec.models import redrafter
-from edgespec.models.distill import CollectConfig, collect
-from edgespec.models.drafter import DraftContext, TreeShape
-from edgespec.models.redrafter import ReDrafter
-from edgespec.models.train_redrafter import Data, TrainConfig, Trainer
 
+from edgespec.backends.gguf_file import GgufFile
 from edgespec.controller import controller_for
 from edgespec.generate import GenerationConfig, Stats, plain_steps, stream
+from edgespec.models.drafting import redrafter
+from edgespec.models.drafting.drafter import DraftContext, TreeShape
+from edgespec.models.drafting.redrafter import ReDrafter
+from edgespec.models.training import collect as col
+from edgespec.models.training.train_redrafter import Data, TrainConfig, Trainer
 from edgespec.speculative import speculative_steps
 
 PROMPTS = ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
            "import os\n\n\ndef list_python_files(root):\n"]
 TINY = TrainConfig(depth=2, n_draft=512, d_rnn=32, n_blocks=1, rank=32, shortlist=16, steps=40, batch=32, lr=3e-3,
-                   ckpt_every=20, eval_every=1000, held_out=1)
+                   ckpt_every=20, eval_every=1000)
+DATA = col.CollectConfig(prompts_per_shard=2, texts_per_shard=2, answer_tokens=16, max_prompt=128, tf_len=64,
+                         min_tf=32, top_k=8, slots=2, rows=8)
 
 
 @pytest.fixture(scope="module")
-def tiny_data(qwen, tmp_path_factory):
-    """Four 64-token segments (two shards) from the real qwen2.5-coder-0.5b, one a self-distilled answer."""
+def tiny_data(qwen_path, tmp_path_factory):
+    """Two tiny shards from the real qwen2.5-coder-0.5b: its own answers, their prompts and teacher-forced text."""
     out = tmp_path_factory.mktemp("distill")
-    cfg = CollectConfig(seg_len=64, segments=3, self_distill=1, answer_tokens=16, top_k=8, shard_size=2)
-    shards = collect(qwen, out, cfg)
-    assert len(shards) == 2 and all(p.exists() for p in shards)
-    assert collect(qwen, out, cfg) == shards  # resumes: nothing left to do
+    be = col.open_backend(qwen_path, DATA, threads=1)
+    try:
+        shards = col.collect(be, out, DATA, 300, progress=False)
+        assert len(shards) >= 2 and all(p.exists() for p in shards)
+        assert col.collect(be, out, DATA, 300, progress=False) == shards  # resumes: nothing left to do
+    finally:
+        be.close()
     return shards
 
 
@@ -66,7 +72,7 @@ def test_training_lowers_the_loss_and_resumes(tiny_drafter, tiny_data, qwen_path
 
 
 def test_beams_pack_into_a_deduplicated_gated_tree(tiny_drafter, qwen_path):
-    rd = ReDrafter(tiny_drafter["path"], qwen_path)
+    rd = ReDrafter(tiny_drafter["path"], GgufFile(qwen_path))
     beams = np.array([[5, 6, 7], [5, 6, 8], [5, 9, 10], [11, 12, 13]])
     lp = np.log(np.array([[0.9, 0.8, 0.7], [0.9, 0.8, 0.05], [0.9, 0.1, 0.09], [0.05, 0.04, 0.03]]))
     rd.beams = lambda h, root, w, L, floor=0.0: (beams, lp)
@@ -79,7 +85,7 @@ def test_beams_pack_into_a_deduplicated_gated_tree(tiny_drafter, qwen_path):
 
 
 def test_self_gating_chain_keeps_the_prefix_with_the_largest_expected_gain(tiny_drafter, qwen_path):
-    rd = ReDrafter(tiny_drafter["path"], qwen_path, self_gating=True)
+    rd = ReDrafter(tiny_drafter["path"], GgufFile(qwen_path), self_gating=True)
     assert rd.self_gating and not ReDrafter.self_gating  # opt-in, per drafter
     ctx = DraftContext([], 1, np.zeros(rd.cfg.n_embd, np.float32), None)
     rd.beams = lambda h, root, w, L, floor=0.0: (np.array([[5, 6, 7]]), np.log(np.array([[0.45, 0.4, 0.35]])))
@@ -103,7 +109,7 @@ def _generate(backend, prompt, drafter=None, n=48):
 
 
 def test_trained_drafter_is_lossless(qwen, qwen_path, tiny_drafter):
-    rd = ReDrafter(tiny_drafter["path"], qwen_path)
+    rd = ReDrafter(tiny_drafter["path"], GgufFile(qwen_path))
     for text in PROMPTS:
         prompt = qwen.tokenize(text)
         plain, _ = _generate(qwen, prompt)
@@ -115,7 +121,7 @@ def test_shipped_drafter_loads_and_drafts(qwen, qwen_path):
     path = redrafter.shipped("qwen2.5-coder-0.5b")
     assert path is not None, "the qwen2.5-coder-0.5b ReDrafter weights are missing from models/weights"
     assert path.stat().st_size <= 40e6
-    rd = ReDrafter(path, qwen_path)
+    rd = ReDrafter(path, GgufFile(qwen_path))
     accepted = 0
     for text in PROMPTS:
         prompt = qwen.tokenize(text)
@@ -128,11 +134,11 @@ def test_shipped_drafter_loads_and_drafts(qwen, qwen_path):
 
 def test_bad_weights_files_are_refused(tiny_drafter, qwen_path, smol_path, tmp_path):
     with pytest.raises(FileNotFoundError):
-        ReDrafter(tmp_path / "missing.npz", qwen_path)
+        ReDrafter(tmp_path / "missing.npz", GgufFile(qwen_path))
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a readable"):
-        ReDrafter(bad, qwen_path)
+        ReDrafter(bad, GgufFile(qwen_path))
     cfg, vocab, params = redrafter.load(tiny_drafter["path"])
     params["bias"][0] += 1.0
     redrafter.save(bad, cfg, vocab, params)
@@ -140,9 +146,9 @@ def test_bad_weights_files_are_refused(tiny_drafter, qwen_path, smol_path, tmp_p
     raw[len(raw) // 2] ^= 0xFF  # flip a byte inside the arrays
     bad.write_bytes(bytes(raw))
     with pytest.raises(ValueError):
-        ReDrafter(bad, qwen_path)
+        ReDrafter(bad, GgufFile(qwen_path))
     with pytest.raises(ValueError, match="trained for a target|no tensor"):
-        ReDrafter(tiny_drafter["path"], smol_path)  # another model's vocabulary
+        ReDrafter(tiny_drafter["path"], GgufFile(smol_path))  # another model's vocabulary
 
 
 def test_online_adaptation_learns_and_survives_an_interrupted_save(qwen, qwen_path, tiny_drafter, tmp_path,
@@ -150,10 +156,10 @@ def test_online_adaptation_learns_and_survives_an_interrupted_save(qwen, qwen_pa
     import os
 
     import torch
-    from edgespec.models.online import OnlineAdapter, OnlineConfig
-    from edgespec.models.train_redrafter import distill_kl
 
-    rd = ReDrafter(tiny_drafter["path"], qwen_path)
+    from edgespec.models.drafting.online import OnlineAdapter, OnlineConfig
+
+    rd = ReDrafter(tiny_drafter["path"], GgufFile(qwen_path))
     state = tmp_path / "adapted.npz"
     rd.adapter = OnlineAdapter(rd, OnlineConfig(min_new=4, steps=30, batch=16, lr=3e-3), path=state)
     for text in PROMPTS:
@@ -168,7 +174,7 @@ def test_online_adaptation_learns_and_survives_an_interrupted_save(qwen, qwen_pa
         n = min(ad.n, ad.cfg.capacity)
         with torch.no_grad():
             return float(ad._loss(torch, p, ad.h[:n].astype(np.float32), ad.tokens[:n], ad.top_ids[:n],
-                                  ad.top_logp[:n], distill_kl))
+                                  ad.top_logp[:n]))
 
     before, old_bias = buffer_loss(), rd.p_np["bias"].copy()
     assert ad.adapt() == 30 and not ad.pending()
@@ -186,17 +192,17 @@ def test_online_adaptation_learns_and_survives_an_interrupted_save(qwen, qwen_pa
         ad.save()
     monkeypatch.undo()
     np.testing.assert_allclose(redrafter.load(state)[2]["bias"], saved, atol=1e-3)
-    ReDrafter(state, qwen_path)  # loads and verifies
+    ReDrafter(state, GgufFile(qwen_path))  # loads and verifies
 
 
 def test_online_examples_are_the_targets_own_text(qwen, qwen_path):
     """Every committed position becomes one example: the hidden that produced its token, the next tokens of the
     output and the target's top-k after each (its best is the output's next token: greedy)."""
-    from edgespec.models.online import OnlineAdapter
+    from edgespec.models.drafting.online import OnlineAdapter
 
     # the shipped head: a tiny head trained in the test may get no draft accepted on one prompt (it got none on
     # an AMD EPYC Zen 5), and accepted nodes must be recorded too
-    rd = ReDrafter(redrafter.shipped("qwen2.5-coder-0.5b"), qwen_path)
+    rd = ReDrafter(redrafter.shipped("qwen2.5-coder-0.5b"), GgufFile(qwen_path))
     rd.adapter = ad = OnlineAdapter(rd)
     prompt = qwen.tokenize(PROMPTS[0])
     out, stats = _generate(qwen, prompt, rd)
@@ -218,9 +224,8 @@ def test_online_examples_are_the_targets_own_text(qwen, qwen_path):
 def test_drafter_reset_command(tmp_path, monkeypatch, tiny_drafter):
     import shutil
 
-    from edgespec.models.online import state_path
-
     from edgespec.cli import main
+    from edgespec.models.drafting.online import state_path
 
     monkeypatch.setenv("EDGESPEC_HOME", str(tmp_path))
     state = state_path(tmp_path, "qwen2.5-coder-0.5b")
@@ -232,8 +237,8 @@ def test_drafter_reset_command(tmp_path, monkeypatch, tiny_drafter):
 
 def test_mlx_step_matches_numpy(tiny_drafter, qwen_path):
     mx = pytest.importorskip("mlx.core")
-    a = ReDrafter(tiny_drafter["path"], qwen_path)
-    b = ReDrafter(tiny_drafter["path"], qwen_path, xp=mx)
+    a = ReDrafter(tiny_drafter["path"], GgufFile(qwen_path))
+    b = ReDrafter(tiny_drafter["path"], GgufFile(qwen_path), xp=mx)
     h = np.random.default_rng(0).standard_normal(a.cfg.n_embd).astype(np.float32) * 4
     ta, ca = a.beams(h, 1000, 3, 3)
     tb, cb = b.beams(h, 1000, 3, 3)

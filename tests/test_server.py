@@ -489,7 +489,6 @@ def test_edgespec_serve_command_answers_and_stops_cleanly_on_sigterm(smol_path, 
 
 def test_prompt_cache_is_capped_by_the_memory_budget(smol_path):
     from edgespec.memory.planner import SAFETY
-
     from edgespec.server import prometheus
     from tests.conftest import SMALL
 

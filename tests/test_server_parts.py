@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 
 from edgespec.backends.base import KVState
-from edgespec.models.drafter import DraftContext, TreeShape, VerifyResult
-from edgespec.models.prediction import PredictionDrafter
-
+from edgespec.models.drafting.drafter import DraftContext, TreeShape, VerifyResult
+from edgespec.models.drafting.prediction import PredictionDrafter
 from edgespec.prompt_cache import PromptCache, PromptCacheConfig
 from edgespec.tools import ToolStream, forced_prefix, parse, template_messages
 

@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
-from edgespec.models.draft_model import DraftModelDrafter
-from edgespec.models.drafter import DraftContext, DraftTree, TreeShape, VerifyResult, pack_beams
-from edgespec.models.ngram import NgramDrafter
 
 from edgespec.controller import Controller, ControllerConfig
 from edgespec.generate import GenerationConfig, Stats, plain_steps, stream
+from edgespec.models.drafting.draft_model import DraftModelDrafter
+from edgespec.models.drafting.drafter import DraftContext, DraftTree, TreeShape, VerifyResult, pack_beams
+from edgespec.models.drafting.ngram import NgramDrafter
 from edgespec.sampling import PositionRng, SamplingParams, sample
 from edgespec.speculative import (
     accept_greedy,
@@ -392,7 +392,6 @@ def test_controller_keeps_trees_within_the_exact_batch(qwen):
     """On the CPU, llama.cpp verifies at most ``exact_rows`` rows (root included): every shape the controller
     hands out, fixed or cost-driven, self-gating or not, fits that, so greedy output stays bit-exact."""
     from edgespec.backends.llama_cpp import EXACT_AMX_ROWS, EXACT_CPU_ROWS, amx_build
-
     from edgespec.controller import controller_for
 
     assert qwen.exact_rows == (EXACT_AMX_ROWS if amx_build() else EXACT_CPU_ROWS)

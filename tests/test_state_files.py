@@ -4,8 +4,9 @@ import multiprocessing as mp
 from pathlib import Path
 
 import numpy as np
-from edgespec.models import redrafter
-from edgespec.models.redrafter import ReDrafterConfig
+
+from edgespec.models.drafting import redrafter
+from edgespec.models.drafting.redrafter import ReDrafterConfig
 
 CFG = ReDrafterConfig(target="test", n_embd=64, n_vocab=1000, d_rnn=16, n_blocks=1, rank=8)
 

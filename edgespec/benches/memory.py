@@ -47,7 +47,7 @@ def worker(job: dict) -> dict:
     from edgespec.generate import GenerationConfig, Stats, stream
     from edgespec.memory.live import peak_rss_bytes
     from edgespec.memory.planner import BudgetError
-    from edgespec.runtime import load
+    from edgespec import load
 
     t0 = time.perf_counter()
     try:

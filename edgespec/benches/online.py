@@ -23,7 +23,7 @@ def run_stream(target, drafter, prompts, max_tokens: int, adapt: bool, costs: di
                model: str = "") -> list[dict]:
     """Stream ``prompts`` through a ``Runtime`` (the product path) over ``target`` with ``drafter``; adapt
     synchronously after each prompt when ``adapt``."""
-    from edgespec.models.online import OnlineAdapter, OnlineConfig
+    from edgespec.models.drafting.online import OnlineAdapter, OnlineConfig
     from edgespec.runtime import Request, Runtime
 
     drafter.adapter = OnlineAdapter(drafter, OnlineConfig(enabled=adapt))
@@ -49,7 +49,7 @@ def main(args) -> int:
     from edgespec.benches.prompts import load_prompts
     from edgespec.controller import calibrate
     from edgespec.drafters import redrafter_weights
-    from edgespec.models.redrafter import ReDrafter
+    from edgespec.models.drafting.redrafter import ReDrafter
 
     path = registry.resolve(args.model)
     weights = redrafter_weights(args.model)
@@ -61,7 +61,7 @@ def main(args) -> int:
     target.truncate(0)
     res = {}
     for adapt in (True, False):
-        drafter = ReDrafter(weights, path)  # fresh shipped weights for each run
+        drafter = ReDrafter(weights, target)  # fresh shipped weights for each run
         res["on" if adapt else "off"] = run_stream(target, drafter, prompts, args.max_tokens, adapt, costs,
                                                    args.online_depth or None, args.model)
     w = min(40, len(prompts) // 2)

@@ -10,7 +10,7 @@ module docstrings of the Python standard library, present wherever edgespec runs
   turn 2 asks for a change and the whole code again; the bench times turn 2.
 
 The chat and adversarial prompts are also what the drafter's training data is decontaminated against
-(``models/corpus.py``)."""
+(``models/training/corpus.py``)."""
 
 from __future__ import annotations
 

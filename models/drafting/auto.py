@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from edgespec.models.drafter import DraftContext, Drafter, DraftTree, TreeShape, VerifyResult
+from edgespec.models.drafting.drafter import DraftContext, Drafter, DraftTree, TreeShape, VerifyResult
 
 
 @dataclass

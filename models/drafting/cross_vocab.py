@@ -27,9 +27,10 @@ from bisect import bisect_left
 from collections import OrderedDict
 
 import numpy as np
+
 from edgespec.backends.base import Backend, common_prefix
-from edgespec.models.draft_model import DraftModelDrafter
-from edgespec.models.drafter import DraftContext, DraftTree, TreeShape, VerifyResult
+from edgespec.models.drafting.draft_model import DraftModelDrafter
+from edgespec.models.drafting.drafter import DraftContext, DraftTree, TreeShape, VerifyResult
 
 LOOKBEHIND = 4  # draft tokens re-tokenized again when text is appended
 

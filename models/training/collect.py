@@ -20,7 +20,7 @@ Layout of ``out_dir`` (default ``~/.cache/edgespec/distill/<target>-v2/``):
   starts (so a resumed collection uses exactly the same items, even if installed packages changed meanwhile);
 - ``shard_00000.npz`` ...: ragged arrays (``tokens`` [P], ``hidden`` [P, d], ``top_ids`` / ``top_logp`` [P, k],
   ``offsets`` [N+1] into them, and per segment ``source``, ``weight``, ``item``, ``prompt_len``), each written
-  atomically. ``distill.load_shards`` reads them (padded to [N, T] for the trainer).
+  atomically. ``load_shards`` reads them (padded to [N, T] for the trainer).
 
 Resumable and deterministic: a shard depends only on its items and the config (the KV cache is emptied
 before each one and the batch schedule is a function of the items), so a collection killed at any moment
@@ -42,9 +42,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from edgespec.models.corpus import CODE_KIND_WEIGHTS, Decontaminator, Material
-from edgespec.models.redrafter import save_npz_atomic
 from tqdm import tqdm
+
+from edgespec.models.drafting.redrafter import save_npz_atomic
+from edgespec.models.training.corpus import CODE_KIND_WEIGHTS, Decontaminator, Material
 
 VERSION = 2
 SOURCES = ("code", "docs", "prompt", *sorted(CODE_KIND_WEIGHTS), "question")  # index = a segment's ``source``
@@ -77,9 +78,9 @@ class CollectConfig:
 
 
 def default_dir(target: str) -> Path:
-    from edgespec import registry
+    from edgespec import paths, registry
 
-    return registry.cache_dir() / "distill" / f"{registry.model_key(target)}-v2"
+    return paths.cache_dir() / "distill" / f"{registry.model_key(target)}-v2"
 
 
 # ---- the plan ---------------------------------------------------------------------------------------------------
@@ -414,3 +415,53 @@ def run(target: str, positions: int, threads: int | None = None, out_dir: Path |
         return collect(backend, out_dir, cfg, positions)
     finally:
         backend.close()
+
+
+# ---- reading shards ------------------------------------------------------------------------------------------
+def _stack(rows: list[dict[str, np.ndarray]], seg_len: int) -> dict[str, np.ndarray]:
+    """Pad segments to ``seg_len`` (tokens -1 mark padding) and stack them."""
+    out = {}
+    for key in rows[0]:
+        arrs = []
+        for r in rows:
+            a = r[key]
+            pad = [(0, seg_len - len(a))] + [(0, 0)] * (a.ndim - 1)
+            arrs.append(np.pad(a, pad, constant_values=-1 if key == "tokens" else 0))
+        out[key] = np.stack(arrs)
+    return out
+
+
+DATA_KEYS = ("tokens", "hidden", "top_ids", "top_logp")
+SEGMENT_KEYS = ("source", "weight", "item", "prompt_len")  # per segment, of a shard
+
+
+def _padded(z, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """One (ragged, ``offsets``) shard as padded [N, T] arrays."""
+    off = z["offsets"]
+    flat = {k: z[k] for k in keys if k in DATA_KEYS}  # each z[k] reads the file again: once per key
+    rows = [{k: v[a:b] for k, v in flat.items()} for a, b in zip(off[:-1], off[1:], strict=True)]
+    out = _stack(rows, int(np.diff(off).max())) if rows else {}
+    out.update({k: z[k] for k in keys if k in SEGMENT_KEYS})
+    return out
+
+
+def load_shards(paths: list[Path], keys: tuple[str, ...] = DATA_KEYS) -> dict[str, np.ndarray]:
+    """Shards as padded [N, T, ...] arrays (tokens -1 mark padding, T the longest segment); ``keys``: the arrays
+    wanted."""
+    parts = []
+    for p in paths:
+        with np.load(p) as z:
+            part = _padded(z, keys)
+        parts.append(part)
+    T = max((p["tokens"].shape[1] for p in parts if "tokens" in p), default=0)
+    out = {}
+    for k in keys:
+        arrs = []
+        for part in parts:
+            a = part[k]
+            if k in DATA_KEYS and a.shape[1] < T:
+                a = np.pad(a, [(0, 0), (0, T - a.shape[1])] + [(0, 0)] * (a.ndim - 2),
+                           constant_values=-1 if k == "tokens" else 0)
+            arrs.append(a)
+        out[k] = np.concatenate(arrs)
+    return out

@@ -30,8 +30,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+
 from edgespec.memory.live import return_large_frees
-from edgespec.models.drafter import DraftContext, DraftTree, TreeShape, VerifyResult, pack_beams
+from edgespec.models.drafting.drafter import DraftContext, DraftTree, TreeShape, VerifyResult, pack_beams
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # a loaded head's resident bytes beyond its arrays: the modules it brings in (the gguf package it reads the
@@ -213,16 +214,15 @@ class ReDrafter:
     max_depth = 4  # beam length L (the depths it was trained for)
     default_width = 1  # beams w: on a CPU every extra verify node costs ~0.6 of a plain step
 
-    def __init__(self, weights: Path, target_gguf: Path, xp=np, self_gating: bool | None = None):
-        from edgespec.backends.gguf_file import tensor_rows
-
+    def __init__(self, weights: Path, target, xp=np, self_gating: bool | None = None):
+        """``target``: the target's ``Backend`` (its embedding and output rows are read through it)."""
         if self_gating is not None:  # gate each draft by its calibrated path probabilities (``TreeShape.keep``)
             self.self_gating = self_gating
 
         self.cfg, vocab, params = load(weights)
         self.xp = xp
         self.vocab = vocab.astype(np.int64)
-        self.emb, out_rows = tensor_rows(target_gguf, "token_embd.weight", "output.weight")
+        self.emb, out_rows = target.tensor_rows("token_embd.weight", "output.weight")
         if (self.emb.n_rows, self.emb.n_cols) != (self.cfg.n_vocab, self.cfg.n_embd):
             raise ValueError(f"{weights.name} was trained for a target with vocab {self.cfg.n_vocab} and "
                              f"hidden size {self.cfg.n_embd}, not {self.emb.n_rows} x {self.emb.n_cols}")
@@ -375,3 +375,13 @@ def shipped(target: str) -> Path | None:
     """The drafter shipped for model id ``target``, if any."""
     p = weights_path(target)
     return p if p.exists() else None
+
+
+def distill_kl(torch, logq, ids: np.ndarray, top_logp: np.ndarray):
+    """Per-row forward KL(target || draft): the target's top-k log-probs ``top_logp`` [B, k] at draft ids
+    ``ids`` [B, k] (-1: outside the draft vocabulary), renormalized over the draft vocabulary."""
+    w = np.where(ids >= 0, np.exp(top_logp.astype(np.float32)), 0.0)
+    w = w / np.maximum(w.sum(1, keepdims=True), 1e-9)
+    ent = np.where(w > 0, w * np.log(np.maximum(w, 1e-12)), 0.0).sum(1)
+    gathered = torch.gather(logq, 1, torch.from_numpy(np.maximum(ids, 0)))
+    return torch.from_numpy(ent.astype(np.float32)) - (torch.from_numpy(w.astype(np.float32)) * gathered).sum(1)

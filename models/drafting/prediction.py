@@ -19,7 +19,7 @@ from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import dataclass
 
-from edgespec.models.drafter import DraftContext, DraftTree, TreeShape, VerifyResult
+from edgespec.models.drafting.drafter import DraftContext, DraftTree, TreeShape, VerifyResult
 
 
 @dataclass

@@ -6,7 +6,7 @@ each such position; an example is a position's producing hidden state, the next 
 target's own text and the target's top-k after each (teacher forcing, as in offline distillation). The
 rejections are in it: the position after the last accepted node carries the target's correction, and the
 example starting there runs on past the point the draft failed. ``adapt`` takes a few AdamW steps of the
-distillation loss (forward KL, ``train_redrafter.distill_kl``, depth j weighted ``depth_weight ** j``) on
+distillation loss (forward KL, ``redrafter.distill_kl``, depth j weighted ``depth_weight ** j``) on
 the buffer and swaps the new weights into the drafter.
 
 What is trained (``TRAINED``): the RNN recurrence, the state-to-x projection, the residual blocks, the
@@ -38,9 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from edgespec.memory.live import return_large_frees
-from edgespec.models import redrafter
-from edgespec.models.drafter import VerifyResult
+from edgespec.models.drafting import redrafter
+from edgespec.models.drafting.drafter import VerifyResult
 
 TRAINED = ("u", "b_s", "w_s", "b_x", "w0", "b0", "bias", "head_b")
 
@@ -187,7 +188,7 @@ class OnlineAdapter:
         return_large_frees()  # the training steps' large temporaries go back to the system (see footprint)
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no OpenMP worker spinning between steps
         import torch
-        from edgespec.models.train_redrafter import distill_kl
+
 
         torch.set_num_threads(1)  # the step runs on the calling thread: no pool competes with llama.cpp
         self.end_request()
@@ -204,7 +205,7 @@ class OnlineAdapter:
                 idx = rng.integers(0, min(self.n, cfg.capacity), cfg.batch)
                 h, toks = self.h[idx].astype(np.float32), self.tokens[idx]
                 ids, lp = self.top_ids[idx], self.top_logp[idx]
-            loss = self._loss(torch, p, h, toks, ids, lp, distill_kl)
+            loss = self._loss(torch, p, h, toks, ids, lp)
             self._opt.zero_grad()
             loss.backward()
             self._opt.step()
@@ -217,7 +218,7 @@ class OnlineAdapter:
         if time.monotonic() - self._saved_at >= self.cfg.save_every_s:
             self.save()
 
-    def _loss(self, torch, p, h, toks, ids, lp, distill_kl):
+    def _loss(self, torch, p, h, toks, ids, lp):
         d = self.d
         hx = redrafter.hidden_part(p, torch.from_numpy(h * d.cfg.h_scale))
         s = torch.zeros(len(h), d.cfg.d_rnn)
@@ -233,11 +234,12 @@ class OnlineAdapter:
             s, x = redrafter.step(p, d.cfg.n_blocks, hx, e, s, torch)
             logq, cols = self._scores(torch, p, x, d.draft_of[ids[rows, j]])
             w = self.cfg.depth_weight ** j
-            total = total + w * distill_kl(torch, logq, cols, lp[rows, j]).sum()
+            total = total + w * redrafter.distill_kl(torch, logq, cols, lp[rows, j]).sum()
             # the shortlist factors learn on their own (x and the bias detached): to rank the target's choices
             # into the top-m that get exact scores, over the whole draft vocabulary (rank r: cheap)
             approx = (x.detach() @ p["head_a"]) @ p["head_b"] + p["bias"].detach()
-            kl_short = distill_kl(torch, torch.log_softmax(approx, -1), d.draft_of[ids[rows, j]], lp[rows, j])
+            kl_short = redrafter.distill_kl(torch, torch.log_softmax(approx, -1), d.draft_of[ids[rows, j]],
+                                            lp[rows, j])
             total = total + self.cfg.shortlist_loss * w * kl_short.sum()
             count += len(rows)
         return total / max(count, 1)

@@ -9,8 +9,9 @@ draft cache out of step.
 from __future__ import annotations
 
 import numpy as np
+
 from edgespec.backends.base import Backend, common_prefix
-from edgespec.models.drafter import DraftContext, DraftTree, TreeShape, VerifyResult
+from edgespec.models.drafting.drafter import DraftContext, DraftTree, TreeShape, VerifyResult
 
 
 class DraftModelDrafter:

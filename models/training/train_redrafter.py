@@ -4,7 +4,7 @@ Why torch: MLX's Linux CPU build multiplies matrices without a fast BLAS (one Ad
 took 45-49 s, notes §2); torch's CPU build does the same step in well under a second here. The model
 itself is ``redrafter.step``, shared with the numpy and MLX inference paths.
 
-Data (``distill.py`` v1 shards or ``collect.py`` v2 shards): at position t the head sees the target's hidden
+Data (``collect.py`` shards): at position t the head sees the target's hidden
 h_t and the tokens x_{t+1..t+L}; at depth j it predicts the target's distribution at position t+j. Loss: forward
 KL to the target's top-k distribution restricted to the draft vocabulary (distillation), each row weighted by
 its segment's weight (v2: the target's own answers 1.0, teacher-forced text and prompts less) and depth j by
@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from edgespec.models import redrafter
-from edgespec.models.redrafter import ReDrafterConfig
 from tqdm import tqdm
+
+from edgespec.models.drafting import redrafter
+from edgespec.models.drafting.redrafter import ReDrafterConfig, distill_kl
 
 
 @dataclass
@@ -42,7 +43,6 @@ class TrainConfig:
     depth_weight: float = 1.0  # loss weight of depth j: depth_weight ** (j - 1)
     ckpt_every: int = 100
     eval_every: int = 200
-    held_out: int = 2  # v1 data: shards kept for evaluation (v2 holds out items: ``train_collected``)
     seed: int = 0
     threads: int | None = None  # torch CPU threads (default: all cores, at most 4)
     time_budget_s: float | None = None  # cap the steps to what fits this wall time (measured on the first 10)
@@ -57,12 +57,12 @@ class Data:
     top_ids: np.ndarray  # [N, T, k] int32
     top_logp: np.ndarray  # [N, T, k] float16
     weight: np.ndarray | None = None  # [N] per-segment loss weight (None: all 1)
-    source: np.ndarray | None = None  # [N] v2 source kind (``collect.SOURCES``; -1: a v1 shard)
-    item: np.ndarray | None = None  # [N] v2 item within its shard (-1: a v1 shard)
+    source: np.ndarray | None = None  # [N] source kind (``collect.SOURCES``)
+    item: np.ndarray | None = None  # [N] item within its shard
 
     @classmethod
     def load(cls, paths: list[Path]) -> Data:
-        from edgespec.models.distill import DATA_KEYS, load_shards
+        from edgespec.models.training.collect import DATA_KEYS, load_shards
 
         return cls(**load_shards(paths, DATA_KEYS + ("weight", "source", "item")))
 
@@ -119,19 +119,10 @@ def shortlist_factors(head: np.ndarray, rank: int) -> dict[str, np.ndarray]:
             "head_b": (u[:, :rank] * np.sqrt(sv[:rank])).T.astype(np.float32)}
 
 
-def distill_kl(torch, logq, ids: np.ndarray, top_logp: np.ndarray):
-    """Per-row forward KL(target || draft): the target's top-k log-probs ``top_logp`` [B, k] at draft ids
-    ``ids`` [B, k] (-1: outside the draft vocabulary), renormalized over the draft vocabulary."""
-    w = np.where(ids >= 0, np.exp(top_logp.astype(np.float32)), 0.0)
-    w = w / np.maximum(w.sum(1, keepdims=True), 1e-9)
-    ent = np.where(w > 0, w * np.log(np.maximum(w, 1e-12)), 0.0).sum(1)
-    gathered = torch.gather(logq, 1, torch.from_numpy(np.maximum(ids, 0)))
-    return torch.from_numpy(ent.astype(np.float32)) - (torch.from_numpy(w.astype(np.float32)) * gathered).sum(1)
-
-
 class Trainer:
     def __init__(self, data: Data, held: Data, target_gguf: Path, target: str, out_dir: Path, tc: TrainConfig):
         import torch
+
         from edgespec.backends.gguf_file import TensorRows
 
         torch.manual_seed(tc.seed)
@@ -274,13 +265,11 @@ class Trainer:
 
     def _kinds(self, seg: np.ndarray) -> np.ndarray:
         """Each position's kind of text: "answer" (the target's own), "text" (teacher-forced code and docs),
-        "prompt", or "v1" (a v1 shard)."""
-        from edgespec.models.collect import SOURCES, TEXT_KINDS
+        or "prompt"."""
+        from edgespec.models.training.collect import SOURCES, TEXT_KINDS
 
-        if self.held.source is None:
-            return np.array(["v1"] * len(seg))
-        names = np.array([SOURCES[k] if k >= 0 else "v1" for k in self.held.source[seg]])
-        return np.where(np.isin(names, TEXT_KINDS), "text", np.where(np.isin(names, ["prompt", "v1"]), names, "answer"))
+        names = np.array([SOURCES[k] for k in self.held.source[seg]])
+        return np.where(np.isin(names, TEXT_KINDS), "text", np.where(names == "prompt", names, "answer"))
 
     def _agree_mask(self, pos: np.ndarray, depth: int) -> np.ndarray:
         torch = self.torch
@@ -344,17 +333,6 @@ def write_card(path: Path, trainer: Trainer, meta: dict) -> None:
     path.with_suffix(".md").write_text("\n".join(card))
 
 
-def run(target: str, target_gguf: Path, shards: list[Path], out: Path, tc: TrainConfig, meta: dict) -> Trainer:
-    """v1 data: hold out whole shards (the first, corpus text, and from two on the last, the target's answers)."""
-    if len(shards) <= tc.held_out:
-        raise ValueError(f"need more than {tc.held_out} shards of data, have {len(shards)}")
-    k = tc.held_out
-    held_idx = set(range(k // 2 + k % 2)) | set(range(len(shards) - k // 2, len(shards)))
-    train = Data.load([p for i, p in enumerate(shards) if i not in held_idx])
-    held = Data.load([shards[i] for i in sorted(held_idx)])
-    return fit(target, target_gguf, train, held, out, tc, meta)
-
-
 def fit(target: str, target_gguf: Path, train: Data, held: Data, out: Path, tc: TrainConfig, meta: dict) -> Trainer:
     """Train (resuming from the work folder beside ``out``), export the weights and write the model card."""
     work = out.parent / f".{out.stem}.work"
@@ -367,25 +345,6 @@ def fit(target: str, target_gguf: Path, train: Data, held: Data, out: Path, tc: 
     return tr
 
 
-def pipeline(target: str, out: Path, tc: TrainConfig, segments: int = 320, self_distill: int = 48,
-             threads: int | None = None) -> Trainer:
-    """Collect (resumable) distillation data from ``target``, then train (resumable) and export."""
-    from edgespec.backends.llama_cpp import LlamaCppBackend
-    from edgespec.models.distill import CollectConfig, collect
-
-    from edgespec import registry
-
-    gguf = registry.resolve(target)
-    cc = CollectConfig(segments=segments, self_distill=self_distill)
-    backend = LlamaCppBackend(gguf, n_ctx=cc.seg_len + 8, n_batch=cc.seg_len, n_threads=threads)
-    try:
-        shards = collect(backend, registry.cache_dir() / "distill" / registry.model_key(target), cc)
-    finally:
-        backend.close()
-    meta = {"segments": segments + self_distill, "seg_len": cc.seg_len, "self_segments": self_distill}
-    return run(registry.model_key(target), gguf, shards, out, tc, meta)
-
-
 HELD_OUT_EVERY = 16  # v2: items (an instruction with its answer, or a text window) held out: 1 in 16
 
 
@@ -395,9 +354,8 @@ def train_collected(target: str, data_dirs: list[Path], out: Path, tc: TrainConf
     (``collect.py``) in ``data_dirs`` and export to ``out``. Held out by item, not by position: every 16th
     (``held_every``) item of each shard (an instruction's prompt and answer together, or a whole text window),
     so both the target's answers and teacher-forced text are evaluated on material never trained on."""
-    from edgespec.models import collect
-
     from edgespec import machine, registry
+    from edgespec.models.training import collect
 
     shards = [p for d in data_dirs for p in sorted(d.glob("shard_*.npz"))]
     comp: dict[str, int] = {}

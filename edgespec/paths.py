@@ -1,5 +1,5 @@
 """Where edgespec keeps its files: ``$EDGESPEC_HOME``, else ``$XDG_CACHE_HOME/edgespec``, else ``~/.cache/edgespec``.
-(In backends/ so that a backend's own caches, e.g. MLX conversions, need nothing from the core.)"""
+(Neutral: it imports nothing of edgespec, so backends, memory and drafters may all use it.)"""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from edgespec.models.drafter import DraftContext, DraftTree, TreeShape, VerifyResult, pack_beams
+from edgespec.models.drafting.drafter import DraftContext, DraftTree, TreeShape, VerifyResult, pack_beams
 
 
 @dataclass
