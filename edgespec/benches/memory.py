@@ -43,11 +43,11 @@ CHAT_TURNS = [
 
 def worker(job: dict) -> dict:
     """One run in this (fresh) process: load under the budget, run both scenarios, report."""
+    from edgespec import load
     from edgespec.benches.prompts import load_prompts
     from edgespec.generate import GenerationConfig, Stats, stream
     from edgespec.memory.live import peak_rss_bytes
     from edgespec.memory.planner import BudgetError
-    from edgespec import load
 
     t0 = time.perf_counter()
     try:
