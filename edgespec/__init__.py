@@ -7,9 +7,10 @@
 
 __version__ = "0.1.0"
 
-from edgespec.build import LoadOptions, load  # noqa: E402
+from edgespec.build import load  # noqa: E402
+from edgespec.options import LoadOptions, Request  # noqa: E402
 from edgespec.registry import ModelError  # noqa: E402
 from edgespec.runtime import BusyError, ClosedError, Completion, Generation, Runtime  # noqa: E402
 
-__all__ = ["load", "LoadOptions", "Runtime", "Generation", "Completion", "ModelError", "BusyError", "ClosedError",
-           "__version__"]
+__all__ = ["load", "LoadOptions", "Request", "Runtime", "Generation", "Completion", "ModelError", "BusyError",
+           "ClosedError", "__version__"]

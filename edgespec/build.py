@@ -21,54 +21,8 @@ from edgespec.backends.base import Backend
 from edgespec.memory.footprint import node_bytes, read_shape
 from edgespec.memory.live import MemoryGuard
 from edgespec.memory.planner import SAFETY, parse_size, plan
+from edgespec.options import LoadOptions
 from edgespec.runtime import Runtime
-
-BACKENDS = ("auto", "llama.cpp", "mlx")
-KV_TYPES = ("f16", "q8_0", "q4_0")
-
-
-@dataclass
-class LoadOptions:
-    n_ctx: int = 4096
-    n_threads: int | None = None
-    kv_type: str = "f16"  # f16 | q8_0 | q4_0
-    backend: str = "auto"
-    draft: str | None = "auto"  # None/"none" | "auto" | "ngram" | "redrafter[:<path>]" | "model:<id>" | "xvocab:<id>"
-    draft_depth: int | None = None  # fixed draft depth instead of the cost-aware controller
-    draft_width: int | None = None  # candidates per node / beams (default: the drafter's own)
-    n_batch: int = 512
-    adapt: bool | str = "auto"  # online adaptation of a ReDrafter head (auto: where torch is installed)
-    memory_budget: int | str | None = None  # bytes or "1.5GB": plan context/KV/batch/drafter to fit it
-    exact: bool = False  # verify batches only as large as stay bit-identical to plain decoding
-    huge_pages: bool | None = None  # llama.cpp buffers in huge pages (None: on unless EDGESPEC_HUGE_PAGES=0)
-
-    def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, not {self.backend!r}")
-        if self.kv_type not in KV_TYPES:
-            raise ValueError(f"kv_type must be one of {KV_TYPES}, not {self.kv_type!r}")
-        _positive("n_ctx", self.n_ctx, 16)
-        _positive("n_batch", self.n_batch, 1)
-        if self.n_threads is not None:
-            _positive("n_threads", self.n_threads, 1)
-        if self.draft_depth is not None:
-            _positive("draft_depth", self.draft_depth, 0)
-        if self.draft_width is not None:
-            _positive("draft_width", self.draft_width, 1)
-            if self.draft_width > drafters.MAX_WIDTH:
-                raise ValueError(f"draft_width must be at most {drafters.MAX_WIDTH} (the most tree leaves a "
-                                 f"verify takes), not {self.draft_width}")
-        if self.adapt not in (True, False, "auto"):
-            raise ValueError(f"adapt must be True, False or 'auto', not {self.adapt!r}")
-        if self.memory_budget is not None:
-            parse_size(self.memory_budget)
-        if self.huge_pages is not None and not isinstance(self.huge_pages, bool):
-            raise ValueError(f"huge_pages must be True, False or None, not {self.huge_pages!r}")
-
-
-def _positive(name: str, value, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{name} must be an integer >= {least}, not {value!r}")
 
 
 def pick_backend(name: str) -> str:
@@ -105,10 +59,19 @@ def open_backend(path: Path, opts: LoadOptions) -> Backend:
                            n_batch=min(opts.n_batch, opts.n_ctx), huge_pages=opts.huge_pages)
 
 
-def check(model: str, opts: LoadOptions) -> drafters.DraftSpec:
+@dataclass(frozen=True)
+class Checked:
+    """A load that has passed every check possible before a model loads."""
+
+    model: str
+    options: LoadOptions
+    spec: drafters.DraftSpec  # the drafter, parsed
+
+
+def check(model: str, options: LoadOptions) -> Checked:
     """Everything that can be checked before a model loads: the model reference and the drafter spec."""
     registry.check_ref(model)
-    return drafters.parse(opts.draft, str(model))
+    return Checked(str(model), options, drafters.parse(options.draft, str(model)))
 
 
 def adapting(opts: LoadOptions, spec: drafters.DraftSpec) -> bool:
@@ -117,15 +80,22 @@ def adapting(opts: LoadOptions, spec: drafters.DraftSpec) -> bool:
     return spec.head is not None and opts.adapt in (True, "auto") and drafters.trainer_available()
 
 
-def load(model: str = registry.DEFAULT_MODEL, **options) -> Runtime:
+def load(model: str = registry.DEFAULT_MODEL, options: LoadOptions | None = None, **kwargs) -> Runtime:
     """Load a model by registry id or ``.gguf`` path (downloading a registry model on first use).
 
-    Options (``LoadOptions``): n_ctx, n_threads, kv_type (f16|q8_0|q4_0), backend (auto|llama.cpp|mlx),
-    draft (auto, ngram, redrafter[:<file>], model:<id>, xvocab:<id>, none), draft_depth (fix the depth
-    instead of the cost-aware controller), draft_width, adapt (True, False, auto), memory_budget, exact.
+    Options: a ``LoadOptions`` or its keywords (not both): n_ctx, n_threads, kv_type (f16|q8_0|q4_0), backend
+    (auto|llama.cpp|mlx), draft (auto, ngram, redrafter[:<file>], model:<id>, xvocab:<id>, none), draft_depth
+    (fix the depth instead of the cost-aware controller), draft_width, adapt (True, False, auto), memory_budget,
+    exact, huge_pages.
     """
-    opts = LoadOptions(**options)
-    spec = check(str(model), opts)
+    if options is not None and kwargs:
+        raise TypeError(f"give LoadOptions or its keywords, not both ({', '.join(kwargs)})")
+    return open_runtime(check(str(model), options or LoadOptions(**kwargs)))
+
+
+def open_runtime(checked: Checked) -> Runtime:
+    """The runtime of a checked load: the memory plan applied, the backend and the drafter opened."""
+    model, opts, spec = checked.model, checked.options, checked.spec
     notices: list[str] = []
     adapt = adapting(opts, spec)
     if spec.head is not None and opts.adapt in (True, "auto") and not adapt:  # wanted, but no trainer
@@ -138,15 +108,15 @@ def load(model: str = registry.DEFAULT_MODEL, **options) -> Runtime:
     try:
         # the draft model gets the planned context, KV type and batch: what its declared footprint assumed
         draft_open = lambda p: open_backend(p, dataclasses.replace(opts, backend="llama.cpp", memory_budget=None))
-        drafter = drafters.make(spec, backend, str(model), draft_open)
+        drafter = drafters.make(spec, backend, model, draft_open)
     except BaseException:
         backend.close()
         raise
     head = drafters.head_of(drafter)
-    lazy = drafters.LazyAdapter(head, spec.head, str(model)) if adapt and head is not None else None
+    lazy = drafters.LazyAdapter(head, spec.head, model) if adapt and head is not None else None
     # adapt=True: adapt from the first request; "auto": once the head has shown that it pays on this machine
     adapter = lazy() if lazy is not None and opts.adapt is True else None
-    rt = Runtime(backend, str(model), drafter, opts.draft_width, opts.draft_depth, exact=opts.exact,
+    rt = Runtime(backend, model, drafter, opts.draft_width, opts.draft_depth, exact=opts.exact,
                  adapter=adapter, make_adapter=lazy if adapter is None else None)
     rt.notices = notices
     if budget is not None:

@@ -46,7 +46,7 @@ def check_stop(stop) -> tuple[str, ...]:
 
 @dataclass
 class GenerationConfig:
-    max_tokens: int = 256
+    max_tokens: int  # the request's (``options.Request``)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False

@@ -28,8 +28,6 @@ from edgespec.backends.base import Backend, KVState
 from edgespec.chat_tokens import RenderError, chat_tokens
 from edgespec.controller import calibrate, controller_for
 from edgespec.generate import (
-    Cancel,
-    GenerationConfig,
     PromptTooLongError,
     Stats,
     is_cancelled,
@@ -39,7 +37,7 @@ from edgespec.generate import (
 from edgespec.memory.live import peak_rss_bytes, rss_bytes
 from edgespec.models.drafting.auto import AutoDrafter
 from edgespec.models.drafting.drafter import Drafter
-from edgespec.sampling import SamplingParams
+from edgespec.options import Request, as_request
 from edgespec.speculative import speculative_steps
 
 if TYPE_CHECKING:
@@ -64,39 +62,6 @@ class Completion:
     tokens: list[int]
     stats: Stats
     dropped_messages: int = 0  # oldest messages left out so the conversation fits the context
-
-
-@dataclass
-class Request:
-    """Per-request generation options, as accepted by ``generate``/``stream``/``chat``; checked when made."""
-
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] | list[str] | str = ()
-    ignore_eos: bool = False
-    cancel: Cancel = None
-    timeout: float | None = None  # seconds to wait for the model before BusyError (None: wait)
-
-    def __post_init__(self):
-        for name in ("temperature", "top_p"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float):
-                raise ValueError(f"{name} must be a number, not {v!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
-            raise ValueError(f"top_k must be an integer, not {self.top_k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer, not {self.seed!r}")
-        if self.timeout is not None and not self.timeout >= 0:
-            raise ValueError(f"timeout must be >= 0 seconds, not {self.timeout!r}")
-        self._config = self.config()  # raises ValueError naming a bad max_tokens/temperature/top_p/top_k/stop
-
-    def config(self) -> GenerationConfig:
-        sp = SamplingParams(float(self.temperature), self.top_k, float(self.top_p), self.seed)
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        return GenerationConfig(self.max_tokens, sp, stop, self.ignore_eos)
 
 
 class PromptCache(Protocol):
@@ -427,23 +392,24 @@ class Runtime:
                                      f"{self.backend.n_ctx}; shorten it or load with a larger n_ctx")
         return Generation(self, tokens, req, dropped, drafter)
 
-    def stream(self, prompt: str | list[int], **kwargs) -> Generation:
-        """Text chunks of a raw completion of ``prompt``; the returned ``Generation`` carries its ``stats``."""
-        req = Request(**kwargs)
-        return self.start(self.tokens_of(prompt), req)
+    def stream(self, prompt: str | list[int], request: Request | None = None, **options) -> Generation:
+        """Text chunks of a raw completion of ``prompt``; the returned ``Generation`` carries its ``stats``.
+        The request's options come as a ``Request`` or as its keywords (``max_tokens=...``), not both."""
+        return self.start(self.tokens_of(prompt), as_request(request, options))
 
-    def generate(self, prompt: str | list[int], **kwargs) -> Completion:
+    def generate(self, prompt: str | list[int], request: Request | None = None, **options) -> Completion:
         """Complete a raw prompt (no chat template)."""
-        gen = self.stream(prompt, **kwargs)
+        gen = self.stream(prompt, request, **options)
         return Completion(gen.text(), gen.tokens, gen.stats)
 
-    def chat(self, messages: list[dict], stream: bool = False, **kwargs) -> Completion | Generation:
+    def chat(self, messages: list[dict], request: Request | None = None, stream: bool = False,
+             **options) -> Completion | Generation:
         """Answer a conversation ([{"role", "content"}, ...]) through the model's chat template.
 
         The KV cache is reused for the longest common prefix with the previous request, so a growing
         conversation only evaluates its new tokens. With ``stream=True`` returns the ``Generation``.
         """
-        req = Request(**kwargs)
+        req = as_request(request, options)
         tokens, dropped = self.fit_messages(messages, reserve=min(req.max_tokens, self.backend.n_ctx // 4))
         gen = self.start(tokens, req, dropped)
         if stream:

@@ -57,15 +57,11 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 def main(a) -> int:
     """``edgespec serve`` (arguments from ``cli.py``): load the model in the background while /health says
     503, print the URL when both are ready, serve until Ctrl-C/SIGTERM, then close the runtime."""
-    from dataclasses import asdict
-
-    from edgespec.build import LoadOptions, check, load
+    from edgespec.build import open_runtime
+    from edgespec.commands.common import load_options
     from edgespec.memory.planner import parse_size
 
-    opts = LoadOptions(n_ctx=a.n_ctx, n_threads=a.threads, kv_type=a.kv_type, backend=a.backend, draft=a.draft,
-                       draft_depth=a.draft_depth, draft_width=a.draft_width, memory_budget=a.memory_budget,
-                       adapt="auto" if a.adapt is None else a.adapt, exact=a.exact, huge_pages=a.huge_pages)
-    check(a.model, opts)
+    checked = load_options(a)
     if a.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, not {a.max_queue}")
     if not 0 <= a.stream_interval <= 10_000:
@@ -92,7 +88,7 @@ def main(a) -> int:
 
     def load_model() -> None:
         try:
-            rt = load(a.model, **asdict(opts))
+            rt = open_runtime(checked)
         except Exception as e:
             srv.load_error = str(e)
             print(f"error: {e}", file=sys.stderr, flush=True)

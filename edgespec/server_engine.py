@@ -11,7 +11,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from edgespec.models.drafting.prediction import PredictionDrafter
-from edgespec.runtime import ClosedError, Request, Runtime
+from edgespec.options import Request
+from edgespec.runtime import ClosedError, Runtime
 
 
 class QueueFull(RuntimeError):

@@ -13,7 +13,8 @@ from edgespec import tools as toolcalls
 from edgespec.api_models import ChatRequest, CompletionRequest
 from edgespec.generate import PromptTooLongError, check_stop
 from edgespec.models.drafting.prediction import PredictionDrafter
-from edgespec.runtime import Request, Runtime, TemplateError
+from edgespec.options import Request
+from edgespec.runtime import Runtime, TemplateError
 from edgespec.server_openai import APIError, value_error
 
 DEFAULT_CHAT_MAX_TOKENS = 2048  # a chat answer's length when the request sets none (--max-tokens)

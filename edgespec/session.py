@@ -9,9 +9,13 @@ conversation no longer fits the context, the oldest turns are dropped (the syste
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from edgespec.generate import Stats
-from edgespec.runtime import Request, Runtime
+from edgespec.options import Request, as_request
+
+if TYPE_CHECKING:
+    from edgespec.runtime import Runtime
 
 
 class ChatSession:
@@ -28,10 +32,10 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.dropped = 0
 
-    def send(self, text: str, **kwargs) -> Iterator[str]:
+    def send(self, text: str, request: Request | None = None, **options) -> Iterator[str]:
         """Stream the reply to ``text``. The (possibly partial, if cancelled) reply joins the history.
         Bad options and a conversation that cannot fit raise here, before anything is generated."""
-        req = Request(**kwargs)
+        req = as_request(request, options)
         rt = self.runtime
         msgs = self.messages + [{"role": "user", "content": text}]
         tokens, dropped = rt.fit_messages(msgs, reserve=min(req.max_tokens, rt.backend.n_ctx // 4))

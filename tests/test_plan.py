@@ -11,11 +11,12 @@ import pytest
 
 from edgespec import drafters
 from edgespec.backends.gguf_file import GgufFile
-from edgespec.build import LoadOptions, apply_plan, load
+from edgespec.build import apply_plan, load
 from edgespec.drafters import DraftSpec
 from edgespec.memory import live
 from edgespec.memory.footprint import DRAFT, read_shape, run_footprint
 from edgespec.memory.planner import SAFETY, plan
+from edgespec.options import LoadOptions
 
 REDRAFTER_05B = drafters.redrafter_weights("qwen2.5-coder-0.5b")
 

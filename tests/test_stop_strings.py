@@ -11,7 +11,7 @@ import pytest
 
 from edgespec import generate
 from edgespec.generate import MAX_STOP_CHARS, MAX_STOPS, TextOut
-from edgespec.runtime import Request
+from edgespec.options import Request
 
 
 class CharBackend:

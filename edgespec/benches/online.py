@@ -24,7 +24,8 @@ def run_stream(target, drafter, prompts, max_tokens: int, adapt: bool, costs: di
     """Stream ``prompts`` through a ``Runtime`` (the product path) over ``target`` with ``drafter``; adapt
     synchronously after each prompt when ``adapt``."""
     from edgespec.models.drafting.online import OnlineAdapter, OnlineConfig
-    from edgespec.runtime import Request, Runtime
+    from edgespec.options import Request
+    from edgespec.runtime import Runtime
 
     drafter.adapter = OnlineAdapter(drafter, OnlineConfig(enabled=adapt))
     rt = Runtime(target, model, drafter, width=1, fixed_depth=depth)

@@ -101,7 +101,8 @@ class Run:
 class Bench:
     def __init__(self, model: str, methods: list[Method], n_ctx: int, n_threads: int, max_tokens: int):
         from edgespec import drafters
-        from edgespec.build import LoadOptions, open_backend
+        from edgespec.build import open_backend
+        from edgespec.options import LoadOptions
         from edgespec.runtime import Runtime
 
         self.path = registry.resolve(model)
@@ -133,7 +134,7 @@ class Bench:
     def run(self, m: Method, prompt: list[int]) -> Run:
         if m.kind in ("anchor", "llama-python"):
             return self._run_llama(self.llamas[m.name], prompt)
-        from edgespec.runtime import Request
+        from edgespec.options import Request
 
         self.target.truncate(0)
         gen = self.runtimes[m.name].start(prompt, Request(max_tokens=self.max_tokens))
@@ -199,7 +200,7 @@ class UserBench:
         self.n_threads = self.target.n_threads
 
     def run(self, m: Method, prompt: list[int]) -> Run:
-        from edgespec.runtime import Request
+        from edgespec.options import Request
 
         gen = self.runtimes[m.name].start(prompt, Request(max_tokens=self.max_tokens))
         for _ in gen:
