@@ -4,7 +4,7 @@ llama.cpp's CPU backend keeps the weights (and its repacked copies of them, the 
 buffers) in plain anonymous memory. Under the usual THP setting ``madvise`` that memory stays in 4 KiB
 pages, so a decoding step, which streams all the weights, walks ~300k page-table entries (more under a
 hypervisor's nested paging). Measured on an AMD EPYC Zen 3 VM with qwen2.5-coder-1.5b: the 1-row step
-83 -> 63-70 ms, plain decoding 1.056x (BENCHMARKS.md, session 8).
+83 -> 63-70 ms, plain decoding 1.056x (docs/bench/history.md, session 8).
 
 ``snapshot`` records the process's large anonymous mappings; ``collapse_new`` marks the ones that appeared
 or grew since then ``MADV_HUGEPAGE`` (pages touched later are faulted in huge) and collapses the pages

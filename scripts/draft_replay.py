@@ -26,7 +26,7 @@ from edgespec.controller import controller_for
 from edgespec.models.drafting.drafter import DraftContext, DraftTree, TreeShape, VerifyResult
 
 SETS = (("humaneval", 20), ("chat", 20), ("adversarial", 10))
-# c(n) of session 9's HumanEval run (Intel Xeon family 6 model 167, 2 threads), BENCHMARKS.md
+# c(n) of session 9's HumanEval run (Intel Xeon family 6 model 167, 2 threads), docs/bench/history.md
 XEON_S9 = "1:1.0,2:1.65,3:2.05,4:1.93,5:2.50,6:2.89,8:3.52,12:4.40,16:4.36"
 
 

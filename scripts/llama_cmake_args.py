@@ -4,7 +4,7 @@ llama.cpp's default native build enables AMX on CPUs that have it and then crash
 (design notes, section 2). So on x86-64 Linux the build is never native: each SIMD extension is
 switched on only when /proc/cpuinfo lists it, and AMX stays off unless ``EDGESPEC_AMX=1`` asks for it (then
 ``scripts/setup.sh`` builds from a source patched by ``scripts/patch_llama.py``, which fixes the crash). With
-AMX, prompts are processed ~1.6x faster and single-token decoding ~3% slower (BENCHMARKS.md, session 10).
+AMX, prompts are processed ~1.6x faster and single-token decoding ~3% slower (docs/bench/history.md, session 10).
 On macOS arm64, Metal is the default.
 """
 

@@ -17,7 +17,7 @@ over the target's top-k and the drafter's own shortlist, so no vocabulary-sized 
 The shortlist factors get a loss of their own (KL over the whole draft vocabulary through the rank-r
 factors, its input detached), so that the target's choices rank into the shortlist that gets exact
 scores. Its memory (parameters, gradients, two AdamW moments, the buffer, one step's activations) is
-declared by ``footprint`` and counted by the planner. What each choice measured is in BENCHMARKS.md
+declared by ``footprint`` and counted by the planner. What each choice measured is in docs/bench/history.md
 (online adaptation): training the rest through the low-rank factors lowered acceptance; one example per
 verify cut at the first rejection gave less than half the gain.
 

@@ -209,7 +209,7 @@ class ReDrafter:
     needs_hidden = True
     # Gating by the controller's acceptance estimates, not per node: a beam step costs ~3-5 ms here, paid
     # on every verify by a self-gating drafter even when no node is worth verifying (measured: 0.46x of
-    # plain with w=3 self-gated trees on this CPU; see BENCHMARKS.md).
+    # plain with w=3 self-gated trees on this CPU; see docs/bench/history.md).
     self_gating = False
     max_depth = 4  # beam length L (the depths it was trained for)
     default_width = 1  # beams w: on a CPU every extra verify node costs ~0.6 of a plain step
