@@ -121,7 +121,7 @@ def prefill(backend: Backend, prompt: list[int], stats: Stats, want_hidden: bool
 
 
 def plain_steps(backend: Backend, first: ForwardOut, sp: SamplingParams, rng: PositionRng,
-                stats: Stats) -> Iterator[list[int]]:
+                stats: Stats, max_tokens: int) -> Iterator[list[int]]:
     """Plain decoding: one token per target forward; the token at output position k is drawn with
     ``rng.at(k)``."""
     logits = first.logits[-1]
@@ -209,7 +209,9 @@ class TextOut:
         return chunk
 
 
-StepSource = Callable[[Backend, ForwardOut, SamplingParams, PositionRng, Stats], Iterator[list[int]]]
+# (backend, first output, sampling, rng, stats, max_tokens) -> the tokens of each step; ``max_tokens`` lets a step
+# source draft no further than the request may go
+StepSource = Callable[[Backend, ForwardOut, SamplingParams, PositionRng, Stats, int], Iterator[list[int]]]
 _BLAS = None
 
 
@@ -250,7 +252,7 @@ def stream(backend: Backend, prompt: list[int], cfg: GenerationConfig, stats: St
         stats.ttft_s = t1 - t0
         text = TextOut(backend, cfg.stop)
         eog = frozenset() if cfg.ignore_eos else backend.info.eog
-        source = steps(backend, first, cfg.sampling, rng, stats)
+        source = steps(backend, first, cfg.sampling, rng, stats, cfg.max_tokens)
         while not stats.finish_reason:
             if is_cancelled(cancel):
                 stats.finish_reason = "cancelled"

@@ -98,7 +98,7 @@ def speculative_steps(drafter: Drafter, controller: Controller) -> StepSource:
     """A step source for ``generate.stream`` that speculates with ``drafter`` under ``controller``."""
 
     def steps(backend: Backend, first: ForwardOut, sp: SamplingParams, rng: PositionRng,
-              stats: Stats) -> Iterator[list[int]]:
+              stats: Stats, max_tokens: int) -> Iterator[list[int]]:
         drafter.reset()
         logits = first.logits[-1]
         hidden = first.hidden[-1] if first.hidden is not None else None
@@ -106,7 +106,8 @@ def speculative_steps(drafter: Drafter, controller: Controller) -> StepSource:
         pos = 1  # output position of the first draft level
         yield [root]
         while True:
-            room = backend.n_ctx - len(backend.cached) - 1
+            # no draft past the context's end, nor past the request's: a step yields its accepted tokens plus one
+            room = min(backend.n_ctx - len(backend.cached) - 1, max_tokens - pos - 1)
             shape = controller.next_shape(room, len(backend.cached))
             t0 = time.perf_counter()
             tree = DraftTree()

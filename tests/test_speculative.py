@@ -148,6 +148,23 @@ def test_stop_eos_and_max_tokens_match_plain(qwen):
     assert s == plain and ss.finish_reason == "eos"
 
 
+def test_no_draft_runs_past_max_tokens(smol):
+    """The remaining max_tokens caps every draft: a step yields its accepted tokens plus one, so with k tokens
+    left a draft deeper than k - 1 would verify rows the request never emits."""
+    prompt = smol.tokenize(PROMPTS[1])
+    plain, _, _ = run(smol, prompt, max_tokens=24)
+    for n in (1, 2, 5, 9):
+        oracle = OracleDrafter(prompt, plain)
+        depths = []
+        propose = oracle.propose
+        oracle.propose = lambda ctx, shape, f=propose: depths.append((len(ctx.cached), shape.depth)) or f(ctx, shape)
+        s, _, st = run(smol, prompt, oracle, depth=8, max_tokens=n)
+        assert s == plain[:n] and st.finish_reason == "length"
+        for cached, depth in depths:  # emitted so far: the tokens after the prompt, plus the root
+            assert depth <= n - (cached - len(prompt) + 1) - 1, (n, cached, depth)
+        assert st.drafted <= max(n - 1, 0)  # a perfect drafter at depth 8 drafts exactly what is left
+
+
 def test_rollback_keeps_cache_consistent(qwen, qwen_path):
     """After speculation with rejected siblings, the cache is exactly what plain decoding leaves.
 
