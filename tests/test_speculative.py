@@ -157,7 +157,8 @@ def test_no_draft_runs_past_max_tokens(smol):
         oracle = OracleDrafter(prompt, plain)
         depths = []
         propose = oracle.propose
-        oracle.propose = lambda ctx, shape, f=propose, d=depths: d.append((len(ctx.cached), shape.depth)) or f(ctx, shape)
+        oracle.propose = lambda ctx, shape, f=propose, d=depths: (d.append((len(ctx.cached), shape.depth))
+                                                                  or f(ctx, shape))
         s, _, st = run(smol, prompt, oracle, depth=8, max_tokens=n)
         assert s == plain[:n] and st.finish_reason == "length"
         for cached, depth in depths:  # emitted so far: the tokens after the prompt, plus the root
