@@ -161,7 +161,7 @@ class PromptCache:
 def budget_cap(rt, fraction: float = 1.0) -> int | None:
     """Bytes the prompt cache may plan for under the runtime's memory budget: what the plan leaves free
     (the budget less its safety margin and the predicted footprint), or None without a budget."""
-    plan = getattr(rt, "plan", None)
+    plan = rt.plan
     if plan is None:
         return None
     from edgespec.memory.planner import SAFETY
@@ -171,7 +171,7 @@ def budget_cap(rt, fraction: float = 1.0) -> int | None:
 
 def live_headroom(rt) -> Callable[[], int] | None:
     """Bytes the process may still allocate under the budget's live guard (None without a budget)."""
-    guard = getattr(rt.controller, "memory", None)
+    guard = rt.controller.memory
     if guard is None:
         return None
     from edgespec.memory.live import rss_bytes

@@ -353,6 +353,10 @@ class Runtime:
         except RenderError as e:
             raise TemplateError(str(e)) from e
 
+    def fit_chat(self, messages: list[dict], req: Request) -> tuple[list[int], int]:
+        """``fit_messages`` with room kept for the answer: its max_tokens, at most a quarter of the context."""
+        return self.fit_messages(messages, reserve=min(req.max_tokens, self.backend.n_ctx // 4))
+
     def fit_messages(self, messages: list[dict], reserve: int) -> tuple[list[int], int]:
         """Context policy: drop the oldest non-system messages until the prompt plus ``reserve`` fits.
 
@@ -410,7 +414,7 @@ class Runtime:
         conversation only evaluates its new tokens. With ``stream=True`` returns the ``Generation``.
         """
         req = as_request(request, options)
-        tokens, dropped = self.fit_messages(messages, reserve=min(req.max_tokens, self.backend.n_ctx // 4))
+        tokens, dropped = self.fit_chat(messages, req)
         gen = self.start(tokens, req, dropped)
         if stream:
             return gen

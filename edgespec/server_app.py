@@ -227,7 +227,7 @@ def create_app(srv: Server) -> FastAPI:
         return {"object": "list", "data": [{
             "id": srv.cfg.model_name, "object": "model", "created": srv.created, "owned_by": "edgespec",
             "context_length": rt.backend.n_ctx,
-            "edgespec": {"backend": getattr(rt.backend, "name", None), "architecture": rt.backend.info.arch,
+            "edgespec": {"backend": rt.backend.name, "architecture": rt.backend.info.arch,
                          "drafter": rt.drafter.name if rt.drafter is not None else None}}]}
 
     @app.get("/health")

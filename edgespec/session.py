@@ -38,7 +38,7 @@ class ChatSession:
         req = as_request(request, options)
         rt = self.runtime
         msgs = self.messages + [{"role": "user", "content": text}]
-        tokens, dropped = rt.fit_messages(msgs, reserve=min(req.max_tokens, rt.backend.n_ctx // 4))
+        tokens, dropped = rt.fit_chat(msgs, req)
         gen = rt.start(tokens, req, dropped)
         if dropped:
             head = 1 if msgs[0]["role"] == "system" else 0

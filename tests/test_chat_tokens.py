@@ -1,4 +1,4 @@
-"""Message contents are text (issue 24): control tokens written inside a message, a system prompt or a tool
+"""Message contents are text: control tokens written inside a message, a system prompt or a tool
 result are tokenized as literal text, while the chat template's own markers stay special. A user message that
 forges a turn (``<|im_end|>`` ... ``<|im_start|>system`` ...) must not become one."""
 

@@ -1,4 +1,4 @@
-"""The runtime contract for embedders (issue 13), on real models.
+"""The runtime contract for embedders, on real models.
 
 * A request owns the model, not a thread: interleaved streams in one thread, a stream finished in another
   thread, two threads taking turns, ``BusyError`` on a timeout, an abandoned stream freeing the model,

@@ -1,5 +1,5 @@
 # ruff: noqa: F811  (the served fixture is imported from test_server and requested by name)
-"""Server hardening (issue 24), on a real uvicorn server on a loopback port with qwen2.5-coder-0.5b (the
+"""Server hardening, on a real uvicorn server on a loopback port with qwen2.5-coder-0.5b (the
 ``served`` fixture of test_server.py): limits checked before work is done, the guard (Host, key, Content-Type,
 body size), errors that never look like complete answers and never carry raw exception text."""
 

@@ -1,4 +1,4 @@
-"""Benchmark of ``edgespec serve`` (issue 15, item 8). The server runs as a real subprocess on a loopback port and
+"""Benchmark of ``edgespec serve``. The server runs as a real subprocess on a loopback port and
 is driven over HTTP (streamed, so times are the client's); the in-process side is ``edgespec.load`` in this
 process with the same options. Sections (``--sections``, all by default):
 

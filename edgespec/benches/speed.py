@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from edgespec import machine, registry
 from edgespec.benches.prompts import load_prompts
+from edgespec.memory.live import peak_rss_bytes
 
 NEAR_TIE = 0.75
 
@@ -80,15 +81,6 @@ def _parse_method(spec: str) -> Method:
     if name in ("ngram", "auto", "auto-noadapt", "redrafter") or name.startswith(("model:", "redrafter:", "xvocab:")):
         return Method(spec, "spec", drafter=name, depth=depth, width=width)
     raise ValueError(f"unknown bench method {spec!r}")
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS of this process (VmHWM; ru_maxrss would include a parent's peak inherited at exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 @dataclass
@@ -337,7 +329,7 @@ def main(args) -> int:
     methods = [parse_method(s.strip()) for s in args.methods.split(",") if s.strip()]
     if not methods or methods[0].kind != "plain":
         methods = [parse_method("plain")] + [m for m in methods if m.kind != "plain"]
-    users = getattr(args, "as_users", False)
+    users = args.as_users
     bench = UserBench(args.model, methods, args.max_tokens) if users else \
         Bench(args.model, methods, args.n_ctx, args.threads, args.max_tokens)
     threads = bench.n_threads
@@ -352,7 +344,7 @@ def main(args) -> int:
     results: dict[str, list[Run]] = {m.name: [] for m in methods}
     after: dict[str, list[Run]] = {m.name: [] for m in methods}  # --follow: the request right after a reply
     waits: dict[str, list[float]] = {m.name: [] for m in methods}
-    follow = users and getattr(args, "follow", False)
+    follow = users and args.follow
     rng = random.Random(0)
     with tqdm(total=len(prompts) * len(methods), desc="bench", unit="run") as bar:
         for i, prompt in enumerate(prompts):
@@ -367,7 +359,7 @@ def main(args) -> int:
                 bar.set_postfix_str(f"{m.name}: {results[m.name][-1].tok_s:.1f} tok/s")
                 bar.update()
     checks = check_outputs(bench, prompts, results)
-    meta["peak_rss_mb"] = peak_rss_mb()
+    meta["peak_rss_mb"] = peak_rss_bytes() / 2**20
     if users:
         meta["background_wait_s"] = {k: round(float(sum(v)), 2) for k, v in waits.items()}
     if args.llama_bench:
