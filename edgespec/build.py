@@ -18,8 +18,8 @@ from pathlib import Path
 
 from edgespec import drafters, registry
 from edgespec.backends.base import Backend
-from edgespec.memory.footprint import node_bytes, read_shape
-from edgespec.memory.live import MemoryGuard
+from edgespec.memory.footprint import RUNTIME_OVERHEAD, node_bytes, read_shape
+from edgespec.memory.live import MemoryGuard, rss_bytes
 from edgespec.memory.planner import SAFETY, parse_size, plan
 from edgespec.options import LoadOptions
 from edgespec.runtime import Runtime
@@ -126,19 +126,23 @@ def open_runtime(checked: Checked) -> Runtime:
 
 
 def plan_for(path: Path, budget: int, n_ctx: int, min_ctx: int, spec: drafters.DraftSpec, adapt: bool,
-             backend: str = "auto"):
+             backend: str = "auto", overhead: int = RUNTIME_OVERHEAD):
     """The memory plan for the model at ``path`` with drafter ``spec`` (its declared parts counted) under
-    ``budget`` bytes: what ``apply_plan`` applies and ``edgespec plan`` prints."""
+    ``budget`` bytes: what ``apply_plan`` applies and ``edgespec plan`` prints. ``overhead``: what the
+    process holds before the model loads."""
     shape = read_shape(path)
     return plan(shape, budget, want_ctx=n_ctx, min_ctx=min_ctx, draft=None if spec.kind == "none" else str(spec),
-                backend=pick_backend(backend), draft_bytes=drafters.planned_footprint(spec, adapt, shape.n_vocab))
+                backend=pick_backend(backend), draft_bytes=drafters.planned_footprint(spec, adapt, shape.n_vocab),
+                overhead=overhead)
 
 
 def apply_plan(opts: LoadOptions, path: Path, spec: drafters.DraftSpec, adapt: bool):
     """Options rewritten by the memory planner for ``opts.memory_budget`` (raises ``BudgetError``): the
     drafter's declared parts (a draft model's weights, KV cache and buffers, a head and its adaptation) are
-    counted. The context is halved down to 512 tokens at most (or the asked-for context, when smaller)."""
-    p = plan_for(path, parse_size(opts.memory_budget), opts.n_ctx, min(512, opts.n_ctx), spec, adapt, opts.backend)
+    counted, and so is what this process already holds (its libraries: a server's, an app's). The context is
+    halved down to 512 tokens at most (or the asked-for context, when smaller)."""
+    p = plan_for(path, parse_size(opts.memory_budget), opts.n_ctx, min(512, opts.n_ctx), spec, adapt, opts.backend,
+                 overhead=max(RUNTIME_OVERHEAD, rss_bytes()))
     if p.draft is None:
         spec = drafters.DraftSpec("none")
     opts = dataclasses.replace(opts, n_ctx=p.n_ctx, kv_type=p.kv_type, n_batch=p.n_batch)

@@ -27,6 +27,9 @@ from pathlib import Path
 KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 MiB = 1 << 20
 RUNTIME_OVERHEAD = 48 * MiB  # python + numpy + llama.cpp libraries: measured RSS before loading a model
+# fastapi, uvicorn, pydantic and the server's modules on top of it (measured: +23.3 MiB RSS on import, Xeon,
+# Python 3.12); ``edgespec plan --serve`` counts it, a load counts what its process already holds
+SERVER_OVERHEAD = 24 * MiB
 VOCAB_BYTES_PER_TOKEN = 306  # llama.cpp vocab tables: 306 bytes per token + VOCAB_BASE (vocab_only loads)
 VOCAB_BASE = int(1.75 * MiB)
 CONTEXT_BYTES = 10 * MiB  # a llama.cpp context's own structures and the compute buffer's fixed part
@@ -144,12 +147,14 @@ def node_bytes(shape: ModelShape) -> int:
 
 
 def run_footprint(target: ModelShape, n_ctx: int, kv_type: str = "f16", n_batch: int = 512,
-                  tree_nodes: int = 1, drafter: int | dict[str, int] = 0) -> Footprint:
+                  tree_nodes: int = 1, drafter: int | dict[str, int] = 0,
+                  overhead: int = RUNTIME_OVERHEAD) -> Footprint:
     """The whole process: the target, the drafter's declared parts (a draft model's weights and KV cache, a
-    head, its adaptation: named ``draft_*``; an int is one ``draft_state`` part) and the runtime overhead."""
+    head, its adaptation: named ``draft_*``; an int is one ``draft_state`` part) and the runtime overhead
+    (``overhead``: the process before the model loads: interpreter and libraries, a server's included)."""
     fp = llama_footprint(target, n_ctx, kv_type, n_batch, tree_nodes)
     parts = drafter if isinstance(drafter, dict) else ({"state": drafter} if drafter else {})
     for k, v in parts.items():
         fp.parts[k if k.startswith(DRAFT) else DRAFT + k] = int(v)
-    fp.parts["runtime_overhead"] = RUNTIME_OVERHEAD
+    fp.parts["runtime_overhead"] = overhead
     return fp

@@ -15,7 +15,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgespec.memory.footprint import DRAFT, Footprint, MiB, ModelShape, read_shape, run_footprint
+from edgespec.memory.footprint import (
+    DRAFT,
+    RUNTIME_OVERHEAD,
+    Footprint,
+    MiB,
+    ModelShape,
+    read_shape,
+    run_footprint,
+)
 
 SAFETY = 0.05
 KV_ORDER = ("f16", "q8_0", "q4_0")
@@ -81,10 +89,12 @@ def _fits(fp: Footprint, budget: int) -> bool:
 
 
 def plan(model: str | Path | ModelShape, budget: int, want_ctx: int = 4096, min_ctx: int = 512,
-         draft: str | None = None, backend: str = "llama.cpp", draft_bytes: DraftBytes | int = 0) -> Plan:
+         draft: str | None = None, backend: str = "llama.cpp", draft_bytes: DraftBytes | int = 0,
+         overhead: int = RUNTIME_OVERHEAD) -> Plan:
     """Choose context, KV type, batch and drafter for ``budget`` bytes, or raise ``BudgetError``.
     ``draft_bytes``: the drafter's declared parts (or bytes) for a context, KV type and batch, as the drafter
-    declares them (a draft model's weights, KV cache and buffers; a head and its online adaptation)."""
+    declares them (a draft model's weights, KV cache and buffers; a head and its online adaptation).
+    ``overhead``: what the process holds before the model loads (``RUNTIME_OVERHEAD`` at least)."""
     shape = model if isinstance(model, ModelShape) else read_shape(model)
     if want_ctx < 16:
         raise ValueError(f"the context must be at least 16 tokens, not {want_ctx}")
@@ -94,7 +104,7 @@ def plan(model: str | Path | ModelShape, budget: int, want_ctx: int = 4096, min_
 
     def footprint(ctx: int, kv: str, batch: int, spec: bool) -> Footprint:
         return run_footprint(shape, ctx, kv, batch, SPEC_TREE_NODES if spec else 1,
-                             parts_of(ctx, kv, batch) if spec else 0)
+                             parts_of(ctx, kv, batch) if spec else 0, overhead)
 
     smallest = lambda spec: footprint(min_ctx, kv_order[-1], min(BATCHES[-1], min_ctx), spec)
     least = lambda spec: int(smallest(spec).total / (1 - SAFETY)) + 1

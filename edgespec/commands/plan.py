@@ -20,16 +20,21 @@ def add_parser(sub) -> None:
                    help="count online adaptation of the ReDrafter head from the start, as loading with --adapt "
                         "does (default: only what is resident; adaptation that starts later, once the head pays, "
                         "starts only where the headroom takes it)")
+    p.add_argument("--serve", action="store_true",
+                   help="plan for `edgespec serve`: count the server's own libraries too (what a server loaded with "
+                        "--memory-budget counts)")
     p.set_defaults(func=run)
 
 
 def run(a: argparse.Namespace) -> int:
     from edgespec import drafters
     from edgespec.build import plan_for
+    from edgespec.memory.footprint import RUNTIME_OVERHEAD, SERVER_OVERHEAD
     from edgespec.memory.planner import parse_size
 
     spec = drafters.parse(a.draft, a.model)
     adapt = a.adapt is True and spec.head is not None and drafters.trainer_available()  # "auto": counted once it starts
-    p = plan_for(registry.resolve(a.model), parse_size(a.memory_budget), a.n_ctx, a.min_ctx, spec, adapt, a.backend)
+    p = plan_for(registry.resolve(a.model), parse_size(a.memory_budget), a.n_ctx, a.min_ctx, spec, adapt, a.backend,
+                 overhead=RUNTIME_OVERHEAD + (SERVER_OVERHEAD if a.serve else 0))
     print(p.describe())
     return 0

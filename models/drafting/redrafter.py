@@ -34,7 +34,7 @@ import numpy as np
 from edgespec.memory.live import return_large_frees
 from edgespec.models.drafting.drafter import DraftContext, DraftTree, TreeShape, VerifyResult, pack_beams
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_DIR = Path(__file__).parent.parent / "weights"  # models/weights: shipped heads (package data)
 # a loaded head's resident bytes beyond its arrays: the modules it brings in (the gguf package it reads the
 # target's rows with: +4.2 MiB imported; its own, +1.3 MiB), the child process that reads the GGUF header,
 # working buffers and allocator slack. Measured in a fresh process (scripts/drafter_rss.py, 2-core Xeon):
