@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI
@@ -22,6 +23,7 @@ from edgespec.prompt_cache import PromptCache, PromptCacheConfig, budget_cap, li
 from edgespec.runtime import ClosedError, Runtime
 from edgespec.server_engine import Engine, Job, QueueFull, Ticket
 from edgespec.server_guard import Guard, allowed_hosts, key_matches
+from edgespec.server_memory import request_bytes, shortfall
 from edgespec.server_metrics import CountRequests, Metrics, prometheus
 from edgespec.server_openai import APIError, Reply, SafeJSONResponse, internal_error, param_of
 from edgespec.server_prepare import DEFAULT_CHAT_MAX_TOKENS, Prepared, prepare, prepare_chat, prepare_completion
@@ -57,6 +59,7 @@ class Server:
         self.rt: Runtime | None = None
         self.engine: Engine | None = None
         self.cache: PromptCache | None = None
+        self.headroom: Callable[[], int] | None = None  # bytes the budget's live guard still allows
         self.metrics = Metrics()
         self.load_error: str | None = None
         self.created = int(time.time())
@@ -72,6 +75,7 @@ class Server:
             self.cache = PromptCache(PromptCacheConfig(max_entries=cfg.cache_entries, max_bytes=cap),
                                      headroom=live_headroom(rt))
             rt.prompt_cache = self.cache
+        self.headroom = live_headroom(rt)  # None without a budget
         self.engine = Engine(rt, cfg.max_queue, on_done=self.metrics.record)
         self.rt = rt
 
@@ -109,10 +113,23 @@ class Server:
         ticket = self.admit()
         try:
             prep = await prepare(fn, rt, body, *((self.cfg.default_max_tokens,) if chat else ()))
+            self.check_memory(prep, int(http.headers.get("content-length") or 0))
         except BaseException:
             ticket.release()
             raise
         return await self.respond(prep, http, body, chat, ticket, arrived)
+
+    def check_memory(self, prep: Prepared, body_bytes: int) -> None:
+        """Under a memory budget: 503 with Retry-After when the live headroom cannot take this request now."""
+        need = request_bytes(body_bytes, len(prep.tokens), prep.req.max_tokens,
+                             prep.drafter.footprint()["max"] if prep.drafter is not None else 0)
+        short = shortfall(self.headroom, need)
+        if short:
+            self.metrics.memory_refusals += 1
+            raise APIError(503, f"the server's memory budget has no room for this request now ({need >> 10} KiB "
+                           f"needed, {short >> 10} KiB missing); retry later or send a shorter request",
+                           "unavailable_error", code="memory_budget",
+                           headers={"Retry-After": str(self.engine.retry_after())})
 
     def cancel_all(self) -> None:
         if self.engine is not None:

@@ -20,6 +20,7 @@ class Metrics:
     cached_tokens: int = 0
     completion_tokens: int = 0
     cancelled: int = 0
+    memory_refusals: int = 0  # requests refused (503) because the memory budget had no room for them
     decode_s: float = 0.0
     verifies: int = 0
     drafted: int = 0
@@ -87,6 +88,8 @@ def prometheus(srv: Server) -> str:
     metric("generated_tokens_total", "counter", "Tokens generated, counted at every decoding step.",
            eng.generated if eng else 0)
     metric("requests_cancelled_total", "counter", "Requests stopped early (client gone, shutdown).", m.cancelled)
+    metric("requests_refused_memory_total", "counter", "Requests refused (503) for lack of room in the memory budget.",
+           m.memory_refusals)
     metric("tokens_per_second", "gauge", "Decoding speed of finished requests (tokens / decode time).",
            round(m.completion_tokens / m.decode_s, 3) if m.decode_s else 0)
     metric("last_tokens_per_second", "gauge", "Decoding speed of the last request.", round(m.last.get("tok_s", 0), 3))
