@@ -96,6 +96,10 @@ class Backend(Protocol):
 
     def token_bytes(self, token: int) -> bytes: ...
 
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as text (e.g. ``tokenizer.ggml.fim_pre_token_id``), or None."""
+        ...
+
     def tensor_rows(self, *names: str) -> list:
         """``gguf_file.TensorRows`` of the model's 2-D tensors ``names`` (e.g. its embedding table), read on demand
         from the file, never kept resident (drafters read the target's embeddings through this)."""

@@ -50,11 +50,23 @@ class GenerationConfig:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    n_indent: int = 0  # after the first line, stop at a line indented less than this (``LineStop``)
+    t_max_predict_ms: float = 0.0  # after this long generating, stop at the next newline (0: no limit)
 
     def __post_init__(self):
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, not {self.max_tokens!r}")
         self.stop = check_stop(self.stop)
+        if isinstance(self.n_indent, bool) or not isinstance(self.n_indent, int) or self.n_indent < 0:
+            raise ValueError(f"n_indent must be an integer >= 0, not {self.n_indent!r}")
+        t = self.t_max_predict_ms
+        if isinstance(t, bool) or not isinstance(t, int | float) or not t >= 0:
+            raise ValueError(f"t_max_predict_ms must be a number >= 0, not {t!r}")
+
+    def line_stop(self) -> LineStop | None:
+        if not self.n_indent and not self.t_max_predict_ms:
+            return None
+        return LineStop(self.n_indent, self.t_max_predict_ms / 1000)
 
 
 @dataclass
@@ -65,7 +77,7 @@ class Stats:
     ttft_s: float = 0.0
     decode_s: float = 0.0
     total_s: float = 0.0
-    finish_reason: str = ""  # eos | stop | length | context | cancelled
+    finish_reason: str = ""  # eos | stop | length | context | cancelled | indent | time (``LineStop``)
     verifies: int = 0  # target forward passes after prefill
     drafted: int = 0  # draft nodes sent to verification
     accepted: int = 0  # draft tokens accepted
@@ -168,17 +180,56 @@ class StopMatcher:
         return -1
 
 
+class LineStop:
+    """llama-server's stops for editor completions, over the answer's text. ``n_indent``: after the first line,
+    a line whose indentation (spaces and tabs) is less than ``n_indent`` ends the answer, cut at that line's
+    start (an empty line counts as not indented, as in llama-server). ``t_max_s``: once that many seconds have
+    passed since generation started, the answer ends after its next newline. Each character is read once."""
+
+    def __init__(self, n_indent: int = 0, t_max_s: float = 0.0):
+        self.n_indent, self.t_max_s = n_indent, t_max_s
+        self.start = time.perf_counter()  # made when generation starts (after the prompt)
+        self.reason = ""  # indent | time, once it has cut
+        self._line = -1  # start of the line whose indentation is still unknown (-1: none)
+        self._seen = 0
+
+    def cut(self, text: str) -> int | None:
+        """Where the answer ``text`` (all of it so far) ends under these rules, or None."""
+        for i in range(self._seen, len(text)):
+            c = text[i]
+            if self._line >= 0 and c not in " \t":
+                if i - self._line < self.n_indent:
+                    self.reason = "indent"
+                    return self._line
+                self._line = -1
+            if c == "\n":
+                if self.t_max_s and time.perf_counter() - self.start > self.t_max_s:
+                    self.reason = "time"
+                    return i + 1
+                if self.n_indent:
+                    self._line = i + 1
+        self._seen = len(text)
+        return None
+
+    def held(self, end: int) -> int:
+        """How much of ``end`` characters may be emitted: not a line that may still be cut."""
+        return end if self._line < 0 else min(end, self._line)
+
+
 class TextOut:
     """Incremental text with stop strings: never emits text that might turn out to start a stop string. Only
-    the new text is matched (``StopMatcher``), so a token costs the same however long the answer is."""
+    the new text is matched (``StopMatcher``), so a token costs the same however long the answer is.
+    ``lines``: the editor stops (``LineStop``); ``reason`` says which stop ended the text."""
 
-    def __init__(self, backend: Backend, stop: tuple[str, ...]):
+    def __init__(self, backend: Backend, stop: tuple[str, ...], lines: LineStop | None = None):
         self.dec = StreamDecoder(backend)
         self.matchers = [StopMatcher(s) for s in stop]
+        self.lines = lines
         self.text = ""
         self.scanned = 0  # text already read by the matchers
         self.emitted = 0
         self.stopped = False
+        self.reason = ""  # stop | indent | time
 
     def push(self, token: int) -> str:
         self.text += self.dec.push(token)
@@ -192,16 +243,26 @@ class TextOut:
     def _release(self, final: bool) -> str:
         if self.stopped:
             return ""
+        end, cuts = len(self.text), []
         if self.matchers:
             hits = [i for i in (m.feed(self.text, self.scanned) for m in self.matchers) if i >= 0]
             self.scanned = len(self.text)
             if hits:
-                self.text = self.text[:min(hits)]
-                self.stopped = True
-                return self._take(len(self.text))
-            if not final:  # the longest tail that may start a stop string waits for the next text
-                return self._take(len(self.text) - max(m.k for m in self.matchers))
-        return self._take(len(self.text))
+                cuts.append((min(hits), "stop"))
+            elif not final:  # the longest tail that may start a stop string waits for the next text
+                end -= max(m.k for m in self.matchers)
+        if self.lines is not None:
+            at = self.lines.cut(self.text)
+            if at is not None:
+                cuts.append((at, self.lines.reason))
+            elif not final:
+                end = self.lines.held(end)
+        if cuts:
+            at, self.reason = min(cuts)
+            self.text = self.text[:at]
+            self.stopped = True
+            return self._take(len(self.text))
+        return self._take(end)
 
     def _take(self, end: int) -> str:
         chunk = self.text[self.emitted:end] if end > self.emitted else ""
@@ -250,7 +311,7 @@ def stream(backend: Backend, prompt: list[int], cfg: GenerationConfig, stats: St
             return
         t1 = time.perf_counter()
         stats.ttft_s = t1 - t0
-        text = TextOut(backend, cfg.stop)
+        text = TextOut(backend, cfg.stop, cfg.line_stop())
         eog = frozenset() if cfg.ignore_eos else backend.info.eog
         source = steps(backend, first, cfg.sampling, rng, stats, cfg.max_tokens)
         while not stats.finish_reason:
@@ -272,7 +333,7 @@ def stream(backend: Backend, prompt: list[int], cfg: GenerationConfig, stats: St
                 if chunk:
                     yield chunk
                 if text.stopped:
-                    stats.finish_reason = "stop"
+                    stats.finish_reason = text.reason
                     break
                 if len(out) >= cfg.max_tokens:
                     stats.finish_reason = "length"

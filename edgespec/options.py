@@ -74,6 +74,8 @@ class Request:
     ignore_eos: bool = False
     cancel: Cancel = None
     timeout: float | None = None  # seconds to wait for the model before BusyError (None: wait)
+    n_indent: int = 0  # editors: after the first line, stop at a line indented less than this (0: off)
+    t_max_predict_ms: float = 0.0  # editors: after this long generating, stop at the next newline (0: off)
 
     def __post_init__(self):
         for name in ("temperature", "top_p"):
@@ -91,7 +93,7 @@ class Request:
     def config(self) -> GenerationConfig:
         sp = SamplingParams(float(self.temperature), self.top_k, float(self.top_p), self.seed)
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        return GenerationConfig(self.max_tokens, sp, stop, self.ignore_eos)
+        return GenerationConfig(self.max_tokens, sp, stop, self.ignore_eos, self.n_indent, self.t_max_predict_ms)
 
 
 def as_request(request: Request | None, options: dict) -> Request:

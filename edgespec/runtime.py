@@ -102,6 +102,7 @@ class Generation(Iterator[str]):
         self.stats = Stats()
         self.tokens: list[int] = []
         self.dropped_messages = dropped
+        self.truncated = False  # an infill prompt was cut to fit the context
         self._slot = _Slot()
         self._inner: Iterator[str] | None = None
         self._done = False
@@ -419,6 +420,26 @@ class Runtime:
         if stream:
             return gen
         return Completion(gen.text(), gen.tokens, gen.stats, dropped)
+
+    def infill(self, prefix: str, suffix: str = "", extra=(), request: Request | None = None, stream: bool = False,
+               prompt: str = "", filename: str | None = None, repo: str | None = None,
+               **options) -> Completion | Generation:
+        """Fill in the middle: the code between ``prefix + prompt`` and ``suffix``, with ``extra`` files
+        ([{"filename", "text"}, ...]) as repository context, in the model's own FIM format (``infill``). A model
+        without FIM tokens raises ``infill.NoFimError`` (a ValueError). The suffix drafts the completion where it
+        joins the code after the cursor. Editors set ``n_indent`` and ``t_max_predict_ms``. With ``stream=True``
+        returns the ``Generation``."""
+        from edgespec.infill import fim_prompt, suffix_drafter
+
+        req = as_request(request, options)
+        self._check_open()
+        fp = fim_prompt(self.backend, prefix, suffix, extra, prompt, filename, repo,
+                        reserve=min(req.max_tokens, self.backend.n_ctx // 4))
+        gen = self.start(fp.tokens, req, drafter=suffix_drafter(fp) if self.drafter is not None else None)
+        gen.truncated = fp.truncated
+        if stream:
+            return gen
+        return Completion(gen.text(), gen.tokens, gen.stats)
 
     def session(self, system: str | None = None) -> ChatSession:
         from edgespec.session import ChatSession

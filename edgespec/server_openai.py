@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from edgespec.server_engine import Job
     from edgespec.server_prepare import Prepared
 
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop", "indent": "stop",
+          "time": "length"}
 PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 
 
