@@ -122,9 +122,38 @@ class ChatRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] = Field(description="a string, or token ids (one prompt only)")
     echo: bool | None = Field(default=None, description="unsupported")
-    suffix: str | None = Field(default=None, description="unsupported")
+    suffix: str | None = Field(default=None, description="text after the insertion: fill in the middle (a model "
+                                                         "with FIM tokens)")
     best_of: int | None = Field(default=None, ge=1, description="only 1 is supported")
     logprobs: int | None = Field(default=None, ge=0, le=5, description="unsupported")
+
+
+class ExtraChunk(_Strict):
+    filename: str = Field(default="tmp", max_length=1024)
+    text: str = ""
+
+
+class InfillRequest(_Sampling):
+    """llama-server's ``POST /infill`` as editors send it (llama.vscode, llama.vim): the code before and after the
+    cursor, other files as context, and its editor stops. ``samplers``, ``cache_prompt``, ``t_max_prompt_ms`` and
+    ``id_slot`` are accepted for compatibility: the prompt is always cached, and sampling is temperature (greedy by
+    default), top-k and top-p."""
+
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_extra: list[ExtraChunk] = Field(default_factory=list, max_length=256)
+    prompt: str = Field(default="", description="the cursor line up to the cursor, appended to input_prefix")
+    n_predict: int | None = Field(default=None, ge=-1, description="tokens at most (-1: the context's room; 0: "
+                                                                   "only cache the prompt)")
+    n_indent: int = Field(default=0, ge=0, description="after the first line, stop at a line indented less")
+    t_max_predict_ms: float | None = Field(default=None, description="after this long, stop at the next newline")
+    t_max_prompt_ms: float | None = Field(default=None, description="accepted, not enforced")
+    samplers: list[str] | str | None = Field(default=None, description="accepted; temperature, top_k, top_p apply")
+    cache_prompt: bool | None = Field(default=None, description="accepted; the prompt is always cached")
+    id_slot: int | None = Field(default=None, description="accepted; one slot")
+    response_fields: list[Annotated[str, Field(max_length=256)]] | None = Field(default=None, max_length=64)
+    lora: list[dict[str, Any]] | None = Field(default=None, description="unsupported (400 unless empty)")
+    filename: str | None = Field(default=None, max_length=1024, description="extension: the current file's path")
 
 
 def unsupported(body: _Sampling) -> tuple[str, str] | None:
@@ -147,10 +176,11 @@ def unsupported(body: _Sampling) -> tuple[str, str] | None:
             ("reasoning_effort", body.reasoning_effort is not None, "reasoning_effort is not supported"),
             ("web_search_options", body.web_search_options is not None, "web search is not supported"),
         ]
+    elif isinstance(body, InfillRequest):
+        checks += [("lora", bool(body.lora), "LoRA adapters are not supported")]
     else:
         checks += [
             ("echo", bool(body.echo), "echo is not supported"),
-            ("suffix", bool(body.suffix), "suffix (insertion) is not supported"),
             ("best_of", body.best_of not in (None, 1), "only best_of=1 is supported"),
             ("logprobs", bool(body.logprobs), "logprobs are not supported"),
         ]

@@ -18,11 +18,12 @@ from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgespec import __version__
-from edgespec.api_models import ChatRequest, CompletionRequest, unsupported
+from edgespec.api_models import ChatRequest, CompletionRequest, InfillRequest, unsupported
 from edgespec.prompt_cache import PromptCache, PromptCacheConfig, budget_cap, live_headroom
 from edgespec.runtime import ClosedError, Runtime
 from edgespec.server_engine import Engine, Job, QueueFull, Ticket
 from edgespec.server_guard import Guard, allowed_hosts, key_matches
+from edgespec.server_infill import Supersede, serve_infill
 from edgespec.server_memory import request_bytes, shortfall
 from edgespec.server_metrics import CountRequests, Metrics, prometheus
 from edgespec.server_openai import APIError, Reply, SafeJSONResponse, internal_error, param_of
@@ -63,6 +64,7 @@ class Server:
         self.metrics = Metrics()
         self.load_error: str | None = None
         self.created = int(time.time())
+        self.editors = Supersede()  # a new /infill request of a client stops its earlier one
 
     def attach(self, rt: Runtime) -> None:
         """Serve ``rt`` (loaded): set up its prompt cache and start the queue's worker."""
@@ -103,8 +105,9 @@ class Server:
         except ClosedError as e:
             raise APIError(503, str(e), "unavailable_error") from e
 
-    async def serve(self, fn, body, http: HttpRequest, chat: bool):
-        """Admit, prepare (``fn`` in a worker thread) and answer a request."""
+    async def serve(self, fn, body, http: HttpRequest, chat: bool, reply=None, on_job=None):
+        """Admit, prepare (``fn`` in a worker thread) and answer a request. ``reply``: makes the response's shape
+        from the prepared request (default: OpenAI's); ``on_job``: see ``respond``."""
         arrived = time.monotonic()
         rt = self.ready()
         bad = unsupported(body)
@@ -117,7 +120,7 @@ class Server:
         except BaseException:
             ticket.release()
             raise
-        return await self.respond(prep, http, body, chat, ticket, arrived)
+        return await self.respond(prep, http, body, chat, ticket, arrived, reply and reply(prep), on_job)
 
     def check_memory(self, prep: Prepared, body_bytes: int) -> None:
         """Under a memory budget: 503 with Retry-After when the live headroom cannot take this request now."""
@@ -143,22 +146,27 @@ class Server:
         if self.rt is not None:
             self.rt.close()
 
-    async def respond(self, prep: Prepared, http: HttpRequest, body, chat: bool, ticket: Ticket, arrived: float):
+    async def respond(self, prep: Prepared, http: HttpRequest, body, chat: bool, ticket: Ticket, arrived: float,
+                      reply=None, on_job=None):
         """Queue the prepared request and answer it: whole, or as server-sent events. ``--request-timeout``
         counts from ``arrived`` (time.monotonic()) and is checked before every decoding step and when the
-        request leaves the queue."""
+        request leaves the queue. ``reply``: the response's shape (default: OpenAI's ``Reply``); ``on_job``: called
+        with the job before it is queued."""
         engine = self.engine
         job = Job(prep.tokens, prep.req, asyncio.get_running_loop(), prep.drafter, cancel=prep.req.cancel,
                   interval=self.cfg.stream_interval if body.stream else math.inf, ticket=ticket)
         if self.cfg.request_timeout is not None:
             job.deadline = arrived + self.cfg.request_timeout
         prep.req.cancel = job.stopped  # checked before every decoding step
+        if on_job is not None:
+            on_job(job)
         try:
             engine.submit(job)
         except ClosedError as e:
             ticket.release()
             raise APIError(503, str(e), "unavailable_error") from e
-        reply = Reply(self, prep, chat, body.stream_options is not None and bool(body.stream_options.include_usage))
+        if reply is None:
+            reply = Reply(self, prep, chat, body.stream_options is not None and bool(body.stream_options.include_usage))
         if body.stream:
             return StreamingResponse(reply.sse(job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -236,6 +244,11 @@ def create_app(srv: Server) -> FastAPI:
     async def completions(body: CompletionRequest, http: HttpRequest):
         """Text completion of a raw prompt (OpenAI's legacy API)."""
         return await srv.serve(prepare_completion, body, http, chat=False)
+
+    @app.post("/infill", dependencies=KEYED)
+    async def infill(body: InfillRequest, http: HttpRequest):
+        """Fill in the middle at an editor's cursor: llama-server's ``/infill`` (llama.vscode, llama.vim)."""
+        return await serve_infill(srv, body, http)
 
     @app.get("/v1/models", dependencies=KEYED)
     async def models():

@@ -48,7 +48,7 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
     ticket: Ticket | None = None  # released when the job ends or leaves the queue
     deadline: float | None = None  # time.monotonic() after which the request is cut (--request-timeout)
-    reason: str | None = None  # why the server cut the request: "shutdown" or "timeout"
+    reason: str | None = None  # why the server cut the request: "shutdown", "timeout" or "superseded"
     # text is handed to the event loop at most once per ``interval`` seconds (the first piece at once; inf:
     # only with the end): each hand-over wakes the loop and the client, and on a 2-core machine every wake-up
     # takes a core from the decoding threads
@@ -77,6 +77,8 @@ class Job:
         """What the client is told about a request that stopped early."""
         if self.reason == "timeout":
             return RequestTimeout("the request took longer than the server's --request-timeout")
+        if self.reason == "superseded":
+            return ClosedError("the request was replaced by a newer one from the same client")
         return ClosedError("the server is shutting down" if self.reason == "shutdown" else "the request was cancelled")
 
     async def next_event(self) -> tuple[str, object]:

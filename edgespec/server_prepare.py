@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from edgespec import tools as toolcalls
 from edgespec.api_models import ChatRequest, CompletionRequest
 from edgespec.generate import PromptTooLongError, check_stop
+from edgespec.infill import NoFimError, fim_prompt, suffix_drafter
 from edgespec.models.drafting.prediction import PredictionDrafter
 from edgespec.options import Request
 from edgespec.runtime import Runtime, TemplateError
@@ -29,6 +30,7 @@ class Prepared:
     drafter: PredictionDrafter | None
     tools: frozenset[str] | None  # the request's tool names: parse tool calls out of the answer
     prefix: str  # text forced at the start of the answer (tool_choice), part of the prompt
+    truncated: bool = False  # a fill-in-the-middle prompt was cut to fit the context
 
 
 def check_options(body) -> None:
@@ -148,6 +150,10 @@ def prepare_completion(rt: Runtime, body: CompletionRequest) -> Prepared:
         if len(p) != 1:
             raise APIError(400, "only one prompt per request is supported", param="prompt")
         p = p[0]
+    if body.suffix:
+        if not isinstance(p, str):
+            raise APIError(400, "suffix needs the prompt as text", param="prompt")
+        return prepare_fim(rt, body, p)
     if isinstance(p, str):
         if not p:
             raise APIError(400, "the prompt is empty", param="prompt")
@@ -163,6 +169,19 @@ def prepare_completion(rt: Runtime, body: CompletionRequest) -> Prepared:
         tokens = list(p)
     req = make_request(rt, body, tokens, body.max_tokens, "max_tokens", 16)  # 16: OpenAI's default here
     return Prepared(tokens, req, None, None, "")
+
+
+def prepare_fim(rt: Runtime, body: CompletionRequest, prompt: str) -> Prepared:
+    """A completion with ``suffix``: fill in the middle between the prompt and the suffix, in the model's own FIM
+    format (``infill``); a 400 naming ``suffix`` for a model without FIM tokens."""
+    check_chars(rt, len(prompt) + len(body.suffix), "prompt with its suffix", "prompt")
+    max_tokens = body.max_tokens or 16  # OpenAI's default here
+    try:
+        fp = fim_prompt(rt.backend, prompt, body.suffix, reserve=min(max_tokens, rt.backend.n_ctx // 2))
+    except NoFimError as e:
+        raise APIError(400, str(e), param="suffix", code="unsupported_parameter") from e
+    req = make_request(rt, body, fp.tokens, body.max_tokens, "max_tokens", 16)
+    return Prepared(fp.tokens, req, suffix_drafter(fp) if rt.drafter is not None else None, None, "", fp.truncated)
 
 
 def make_request(rt: Runtime, body, tokens: list[int], max_tokens: int | None, param: str,
