@@ -16,6 +16,7 @@ from edgespec.backends.base import common_prefix
 from edgespec.generate import LineStop, TextOut
 from edgespec.infill import FimTokens, NoFimError, fim_prompt, fim_tokens, require_fim
 from tests.conftest import QWEN, SMALL
+from tests.test_stop_strings import CharBackend
 
 N_CTX = 2048
 PREFIX = "import math\n\n\ndef area(r):\n    "
@@ -103,20 +104,10 @@ def test_fim_prompt_truncates_to_fit(qwen):
 
 
 # ---- the editor stops --------------------------------------------------------------------------------
-class CharBackend:
-    def token_bytes(self, token: int) -> bytes:
-        return chr(token).encode()
-
-
 def emit(text: str, lines: LineStop) -> tuple[str, str]:
     out = TextOut(CharBackend(), (), lines)
-    got = []
-    for c in text:
-        got.append(out.push(ord(c)))
-        if out.stopped:
-            break
-    got.append(out.finish())
-    return "".join(got), out.reason
+    got = "".join(out.push(ord(c)) for c in text if not out.stopped)
+    return got + out.finish(), out.reason
 
 
 def test_indent_stop():
