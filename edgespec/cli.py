@@ -7,10 +7,10 @@ import sys
 
 from edgespec import __version__, registry
 from edgespec.backends.base import BackendError
-from edgespec.commands import bench, chat, convert, drafter, generate, models, plan, serve, train_drafter
+from edgespec.commands import bench, chat, convert, drafter, generate, infill, models, plan, serve, train_drafter
 from edgespec.generate import PromptTooLongError
 
-COMMANDS = (models, generate, bench, convert, plan, train_drafter, drafter, chat, serve)
+COMMANDS = (models, generate, infill, bench, convert, plan, train_drafter, drafter, chat, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -305,3 +305,15 @@ def test_server_refuses_a_model_without_fim(smol_path):
 
 def test_fim_tokens_dataclass_defaults():
     assert not FimTokens().usable and FimTokens(1, 2, 3).usable
+
+
+def test_cli_cursor_split():
+    from edgespec.commands.infill import split_at
+
+    text = "def f():\n    return 1\n\nx = f()\n"
+    assert split_at(text, "2:5") == ("def f():\n    ", "return 1\n\nx = f()\n")
+    assert split_at(text, "1:99") == ("def f():", "\n    return 1\n\nx = f()\n")  # past the end: at the end
+    assert split_at(text, "4:1") == ("def f():\n    return 1\n\n", "x = f()\n")
+    for bad in ("0:1", "5:1", "2", "a:b"):
+        with pytest.raises(ValueError, match="cursor"):
+            split_at(text, bad)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from edgespec import build, registry
@@ -74,6 +75,18 @@ def open_runtime(checked: Checked) -> Runtime:
     for line in rt.notices:
         print(f"edgespec: {line}", file=sys.stderr)
     return rt
+
+
+def print_stream(gen, as_json: bool = False) -> None:
+    """Write a generation's text to stdout as it comes, then its stats to stderr (one line, or JSON)."""
+    for chunk in gen:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if as_json:
+        print(json.dumps(gen.stats.as_dict()), file=sys.stderr)
+    else:
+        print_stats(gen.stats)
 
 
 def print_stats(stats: Stats) -> None:

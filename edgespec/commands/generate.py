@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from edgespec.commands import common
@@ -31,12 +30,5 @@ def run(a: argparse.Namespace) -> int:
             msgs = [{"role": "system", "content": a.system}] if a.system else []
             msgs.append({"role": "user", "content": prompt})
             gen = rt.chat(msgs, req, stream=True)
-        for chunk in gen:
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        if a.json:
-            print(json.dumps(gen.stats.as_dict()), file=sys.stderr)
-        else:
-            common.print_stats(gen.stats)
+        common.print_stream(gen, a.json)
     return 0
