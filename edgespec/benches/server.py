@@ -140,27 +140,33 @@ class ServerProc:
         first = last = None
         parts: list[str] = []
         usage = info = None
-        with self.http.stream("POST", "/v1/chat/completions", json=body) as r:
+        for obj in self.events("/v1/chat/completions", body):
+            usage = obj.get("usage") or usage
+            info = obj.get("edgespec") or info
+            for ch in obj.get("choices", []):
+                text = ch["delta"].get("content")
+                if text:
+                    last = time.perf_counter()
+                    first = first or last
+                    parts.append(text)
+        first, last = first or time.perf_counter(), last or time.perf_counter()
+        return Timed("".join(parts), first - t0, last - t0, usage["completion_tokens"], usage, info)
+
+    def events(self, path: str, body: dict):
+        """The JSON objects of a streamed answer's server-sent events (until ``[DONE]``); an HTTP error or an
+        error object raises ``RuntimeError``."""
+        with self.http.stream("POST", path, json=body) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"HTTP {r.status_code}: {r.read().decode()[:500]}")
             for line in r.iter_lines():
                 if not line.startswith("data: "):
                     continue
                 if line == "data: [DONE]":
-                    break
+                    return
                 obj = json.loads(line[6:])
                 if "error" in obj:
                     raise RuntimeError(obj["error"]["message"])
-                usage = obj.get("usage") or usage
-                info = obj.get("edgespec") or info
-                for ch in obj.get("choices", []):
-                    text = ch["delta"].get("content")
-                    if text:
-                        last = time.perf_counter()
-                        first = first or last
-                        parts.append(text)
-        first, last = first or time.perf_counter(), last or time.perf_counter()
-        return Timed("".join(parts), first - t0, last - t0, usage["completion_tokens"], usage, info)
+                yield obj
 
     def hang_up(self, messages: list[dict], after_chunks: int = 3) -> None:
         body = {"messages": messages, "max_tokens": 200, "temperature": 0, "stream": True}

@@ -127,20 +127,12 @@ def body(p: Pause, chunks: list[dict], n_predict: int, t_max_ms: float) -> dict:
 def ask_server(srv: ServerProc, req: dict) -> Timing:
     t0 = time.perf_counter()
     first, parts, final = None, [], None
-    with srv.http.stream("POST", "/infill", json=req) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {r.read().decode()[:500]}")
-        for line in r.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            obj = json.loads(line[6:])
-            if "error" in obj:
-                raise RuntimeError(obj["error"]["message"])
-            if obj.get("content"):
-                first = first or time.perf_counter()
-                parts.append(obj["content"])
-            if obj.get("stop"):
-                final = obj
+    for obj in srv.events("/infill", req):
+        if obj.get("content"):
+            first = first or time.perf_counter()
+            parts.append(obj["content"])
+        if obj.get("stop"):
+            final = obj
     total = time.perf_counter() - t0
     t = final["timings"]
     return Timing("".join(parts), (first - t0) if first else total, total, final["tokens_evaluated"], t["prompt_n"],
