@@ -13,8 +13,10 @@ renders it, so that what changes least comes first and stays in the KV cache whi
     <|fim_prefix|>{prefix}{prompt}<|fim_suffix|>{suffix}<|fim_middle|>
 
 Each piece is tokenized on its own (a chunk's tokens do not depend on its neighbours), with control tokens in
-the text kept literal. When the whole does not fit, whole extra chunks are dropped oldest first, then the prefix
-is cut from its start and the suffix from its end (3:1, as llama-server does).
+the text kept literal. The suffix in the prompt is its first ``SUFFIX_TOKENS`` tokens, as in llama-server: it
+comes after the cursor, so it is evaluated again at every keystroke (the drafter still gets all of it). When the
+whole does not fit, whole extra chunks are dropped oldest first, then the prefix is cut from its start and the
+suffix from its end (3:1, as llama-server does).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ FALLBACK_TEXTS: dict[str, tuple[str, ...]] = {
 DEFAULT_REPO = "myproject"  # llama-server's names when the client gives none
 DEFAULT_FILENAME = "filename"
 CHUNK_SEPARATOR = "\n\n--- snippet ---\n\n"  # between extra chunks, for a model without a file separator
+SUFFIX_TOKENS = 128  # llama-server's share of its default batch (512 / 4) for the suffix
 
 
 class NoFimError(ValueError):
@@ -77,7 +80,7 @@ class FimPrompt:
     tokens: list[int]
     truncated: bool  # extra chunks, prefix or suffix were cut to fit
     n_extra: int  # extra chunks kept
-    suffix_tokens: list[int]  # the suffix as it is in the prompt (a drafting source)
+    suffix_tokens: list[int]  # all of the suffix (a drafting source), in the prompt only its start
 
 
 def _token_id(backend: Backend, kind: str) -> int | None:
@@ -128,9 +131,10 @@ def as_chunks(extra) -> list[Chunk]:
 
 def fim_prompt(backend: Backend, prefix: str, suffix: str = "", extra=(), prompt: str = "",
                filename: str | None = None, repo: str | None = None, reserve: int = 0,
-               fim: FimTokens | None = None) -> FimPrompt:
+               max_suffix: int = SUFFIX_TOKENS, fim: FimTokens | None = None) -> FimPrompt:
     """The FIM prompt tokens for a cursor between ``prefix + prompt`` and ``suffix``, with ``extra`` files first.
-    ``reserve``: tokens kept free for the completion. ``NoFimError`` for a model without FIM tokens."""
+    ``reserve``: tokens kept free for the completion; ``max_suffix``: tokens of the suffix in the prompt at most.
+    ``NoFimError`` for a model without FIM tokens."""
     fim = fim or require_fim(backend)
     chunks = as_chunks(extra)
 
@@ -149,7 +153,8 @@ def fim_prompt(backend: Backend, prefix: str, suffix: str = "", extra=(), prompt
             parts.append(tok(CHUNK_SEPARATOR) + tok(text))
     current = [fim.sep] + tok((filename or DEFAULT_FILENAME) + "\n") if fim.sep is not None else []
     bos = [backend.info.bos] if backend.info.add_bos and backend.info.bos is not None else []
-    pre, suf = tok(prefix) + tok(prompt), tok(suffix)
+    pre, whole_suffix = tok(prefix) + tok(prompt), tok(suffix)
+    suf = whole_suffix[:max_suffix]
 
     room = backend.n_ctx - 1 - reserve - len(bos) - 3  # the three FIM tokens
     truncated = False
@@ -165,7 +170,7 @@ def fim_prompt(backend: Backend, prefix: str, suffix: str = "", extra=(), prompt
     if left < 0:  # no room for the repository lines either
         head, current, parts = [], [], []
     tokens = head + [t for p in parts for t in p] + current + bos + [fim.pre] + pre + [fim.suf] + suf + [fim.mid]
-    return FimPrompt(tokens, truncated, len(parts), suf)
+    return FimPrompt(tokens, truncated, len(parts), whole_suffix)
 
 
 def suffix_drafter(fp: FimPrompt) -> PredictionDrafter | None:

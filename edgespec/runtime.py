@@ -423,18 +423,20 @@ class Runtime:
 
     def infill(self, prefix: str, suffix: str = "", extra=(), request: Request | None = None, stream: bool = False,
                prompt: str = "", filename: str | None = None, repo: str | None = None,
-               **options) -> Completion | Generation:
+               max_suffix: int | None = None, **options) -> Completion | Generation:
         """Fill in the middle: the code between ``prefix + prompt`` and ``suffix``, with ``extra`` files
         ([{"filename", "text"}, ...]) as repository context, in the model's own FIM format (``infill``). A model
         without FIM tokens raises ``infill.NoFimError`` (a ValueError). The suffix drafts the completion where it
-        joins the code after the cursor. Editors set ``n_indent`` and ``t_max_predict_ms``. With ``stream=True``
-        returns the ``Generation``."""
-        from edgespec.infill import fim_prompt, suffix_drafter
+        joins the code after the cursor. Editors set ``n_indent`` and ``t_max_predict_ms``; ``max_suffix``: tokens
+        of the suffix in the prompt (default ``infill.SUFFIX_TOKENS``). With ``stream=True`` returns the
+        ``Generation``."""
+        from edgespec.infill import SUFFIX_TOKENS, fim_prompt, suffix_drafter
 
         req = as_request(request, options)
         self._check_open()
         fp = fim_prompt(self.backend, prefix, suffix, extra, prompt, filename, repo,
-                        reserve=min(req.max_tokens, self.backend.n_ctx // 4))
+                        reserve=min(req.max_tokens, self.backend.n_ctx // 4),
+                        max_suffix=SUFFIX_TOKENS if max_suffix is None else max_suffix)
         gen = self.start(fp.tokens, req, drafter=suffix_drafter(fp) if self.drafter is not None else None)
         gen.truncated = fp.truncated
         if stream:

@@ -14,7 +14,7 @@ import edgespec
 from edgespec import generate
 from edgespec.backends.base import common_prefix
 from edgespec.generate import LineStop, TextOut
-from edgespec.infill import FimTokens, NoFimError, fim_prompt, fim_tokens, require_fim
+from edgespec.infill import SUFFIX_TOKENS, FimTokens, NoFimError, fim_prompt, fim_tokens, require_fim
 from tests.conftest import QWEN, SMALL
 from tests.test_stop_strings import CharBackend
 
@@ -99,6 +99,9 @@ def test_fim_prompt_truncates_to_fit(qwen):
     text = rendered(qwen, fp.tokens)
     assert text.split("<|fim_suffix|>")[0].endswith("value_1999 = 1999\n")  # the cursor's side is kept
     assert text.split("<|fim_suffix|>")[1].startswith("other_0 = 0\n")
+    long = fim_prompt(qwen, PREFIX, suffix)  # the suffix's start only, as llama-server; all of it for drafting
+    assert not long.truncated and len(long.suffix_tokens) > 1000
+    assert long.tokens[-SUFFIX_TOKENS - 2:-1] == [fim.suf] + long.suffix_tokens[:SUFFIX_TOKENS]
     room = fim_prompt(qwen, PREFIX, SUFFIX, extra * 40, reserve=128)  # extra chunks dropped, oldest first
     assert room.truncated and 0 < room.n_extra < 200 and len(room.tokens) <= N_CTX - 1 - 128
 
