@@ -15,8 +15,12 @@ renders it, so that what changes least comes first and stays in the KV cache whi
 Each piece is tokenized on its own (a chunk's tokens do not depend on its neighbours), with control tokens in
 the text kept literal. The suffix in the prompt is its first ``SUFFIX_TOKENS`` tokens, as in llama-server: it
 comes after the cursor, so it is evaluated again at every keystroke (the drafter still gets all of it). When the
-whole does not fit, whole extra chunks are dropped oldest first, then the prefix is cut from its start and the
-suffix from its end (3:1, as llama-server does).
+whole does not fit, whole extra chunks are dropped oldest first, then the prefix is cut from its start (in steps
+of ``CUT_STEP`` tokens, so that the start stays put while the user types on) and the suffix from its end (3:1, as
+llama-server does).
+
+An editor sends the last few hundred lines before the cursor, a window that slides at every new line and would
+change the prompt from its first line on; ``anchored`` keeps the window's start where an earlier request had it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ DEFAULT_REPO = "myproject"  # llama-server's names when the client gives none
 DEFAULT_FILENAME = "filename"
 CHUNK_SEPARATOR = "\n\n--- snippet ---\n\n"  # between extra chunks, for a model without a file separator
 SUFFIX_TOKENS = 128  # llama-server's share of its default batch (512 / 4) for the suffix
+CUT_STEP = 256  # a prefix too long for the context loses its start in steps of this many tokens (a stable start)
 
 
 class NoFimError(ValueError):
@@ -161,8 +166,8 @@ def fim_prompt(backend: Backend, prefix: str, suffix: str = "", extra=(), prompt
     if len(pre) + len(suf) > room:  # cut the cursor's own file to fit: prefix:suffix = 3:1
         truncated = True
         keep_suf = min(len(suf), max(room // 4, room - len(pre)))
-        keep_pre = max(0, min(len(pre), room - keep_suf))
-        pre, suf = pre[len(pre) - keep_pre:], suf[:keep_suf]
+        cut = len(pre) - max(0, min(len(pre), room - keep_suf))
+        pre, suf = pre[min(len(pre), -(-cut // CUT_STEP) * CUT_STEP):], suf[:keep_suf]
     left = room - len(pre) - len(suf) - len(head) - len(current)
     while parts and sum(map(len, parts)) > left:  # whole chunks, oldest first
         parts.pop(0)
@@ -171,6 +176,22 @@ def fim_prompt(backend: Backend, prefix: str, suffix: str = "", extra=(), prompt
         head, current, parts = [], [], []
     tokens = head + [t for p in parts for t in p] + current + bos + [fim.pre] + pre + [fim.suf] + suf + [fim.mid]
     return FimPrompt(tokens, truncated, len(parts), whole_suffix)
+
+
+def anchored(previous: str, prefix: str, min_overlap: int = 200) -> str:
+    """``prefix`` with the lines an earlier prefix of the same file (``previous``) had before it, when ``prefix``
+    goes on from one of ``previous``'s line starts with all the rest of it (at least ``min_overlap`` characters):
+    the window of lines an editor sends slides down as the cursor does, and this keeps its start, and so the
+    prompt's tokens, where they were. Else ``prefix`` as it is."""
+    if not previous or not prefix or len(prefix) < min_overlap:
+        return prefix
+    first = prefix[:prefix.find("\n") + 1] or prefix
+    j = previous.find(first)
+    while 0 <= j <= len(previous) - min_overlap:
+        if (j == 0 or previous[j - 1] == "\n") and prefix.startswith(previous[j:]):
+            return previous[:j] + prefix
+        j = previous.find(first, j + 1)
+    return prefix
 
 
 def suffix_drafter(fp: FimPrompt) -> PredictionDrafter | None:

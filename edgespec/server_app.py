@@ -23,7 +23,7 @@ from edgespec.prompt_cache import PromptCache, PromptCacheConfig, budget_cap, li
 from edgespec.runtime import ClosedError, Runtime
 from edgespec.server_engine import Engine, Job, QueueFull, Ticket
 from edgespec.server_guard import Guard, allowed_hosts, key_matches
-from edgespec.server_infill import Supersede, serve_infill
+from edgespec.server_infill import Editors, serve_infill
 from edgespec.server_memory import request_bytes, shortfall
 from edgespec.server_metrics import CountRequests, Metrics, prometheus
 from edgespec.server_openai import APIError, Reply, SafeJSONResponse, internal_error, param_of
@@ -64,7 +64,7 @@ class Server:
         self.metrics = Metrics()
         self.load_error: str | None = None
         self.created = int(time.time())
-        self.editors = Supersede()  # a new /infill request of a client stops its earlier one
+        self.editors = Editors()  # editor clients: a new /infill request stops the earlier one; its prefix
 
     def attach(self, rt: Runtime) -> None:
         """Serve ``rt`` (loaded): set up its prompt cache and start the queue's worker."""

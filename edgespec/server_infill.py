@@ -4,38 +4,57 @@ the answer carries the fields they read (``content``, ``timings``, ``tokens_cach
 ``generation_settings.n_ctx``; ``response_fields`` picks some, as llama-server does).
 
 An editor sends a request at every pause in typing, so a new ``/infill`` request from a client host stops the
-one it still has running or waiting (``Supersede``): that one ends with an error, and the model starts on the new
-cursor at once.
+one it still has running or waiting (``Editors``): that one ends with an error, and the model starts on the new
+cursor at once. The window of lines before the cursor that the editor sends slides down with the cursor; the
+server keeps its start where the client's previous request had it (``infill.anchored``), so a new line costs
+its own tokens and the suffix, not the whole prefix again.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator
+from functools import partial
 
 from fastapi import Request as HttpRequest
 
 from edgespec.api_models import InfillRequest
-from edgespec.infill import NoFimError, fim_prompt, suffix_drafter
+from edgespec.infill import NoFimError, anchored, fim_prompt, suffix_drafter
 from edgespec.options import Request
 from edgespec.runtime import Runtime
 from edgespec.server_engine import Job
 from edgespec.server_openai import APIError, Reply, internal_error, sse_line, value_error
 from edgespec.server_prepare import Prepared, check_chars, check_options, too_long
 
+ANCHOR_CHARS_PER_TOKEN = 8  # an anchored prefix is kept to about twice what the context holds (~4 chars a token)
 STOP_TYPE = {"eos": "eos", "stop": "word", "length": "limit", "context": "limit", "indent": "limit", "time": "limit"}
 
 
-class Supersede:
-    """The latest ``/infill`` request of each client, in order of arrival: a newer one cuts the job of an earlier
-    one (``Job.cut("superseded")``) and takes it out of the queue if it still waits there; a job whose request
-    was overtaken while it was prepared is cut as soon as it is made."""
+class Editors:
+    """What the server keeps of each editor client (a host): its latest ``/infill`` request, in order of arrival
+    (a newer one cuts the job of an earlier one, ``Job.cut("superseded")``, and takes it out of the queue if it
+    still waits there; a job whose request was overtaken while it was prepared is cut as soon as it is made), and
+    the prefix it last sent (``anchor``)."""
 
     def __init__(self):
         self.latest: dict[str, int] = {}  # client -> number of its latest request
         self.jobs: dict[str, Job] = {}  # client -> the job of its latest request, once made
+        self.prefixes: dict[str, str] = {}  # client -> the prefix of its latest request, as anchored
         self._seq = 0
         self._lock = threading.Lock()
+
+    def anchor(self, key: str, prefix: str, max_chars: int) -> str:
+        """``prefix`` anchored at the start of the client's previous one (``infill.anchored``), kept for the next
+        request; at most ``max_chars`` characters (whole lines dropped from the start beyond that)."""
+        if not prefix:
+            return prefix
+        with self._lock:
+            out = anchored(self.prefixes.get(key, ""), prefix)
+            if len(out) > max(max_chars, len(prefix)):
+                cut = out.find("\n", len(out) - max(max_chars, len(prefix))) + 1
+                out = out[cut:] if 0 < cut else prefix
+            self.prefixes[key] = out
+        return out
 
     def arrive(self, key: str, engine) -> int:
         """A new request of ``key``: stop its earlier job; the request's number."""
@@ -62,19 +81,23 @@ def stop(job: Job, engine) -> None:
     engine.remove(job)
 
 
-def prepare_infill(rt: Runtime, body: InfillRequest) -> Prepared:
+def prepare_infill(rt: Runtime, body: InfillRequest, editors: Editors | None = None, key: str = "") -> Prepared:
     """An ``/infill`` request as FIM prompt tokens, a ``Request`` with its editor stops and a suffix drafter,
-    or an ``APIError``. ``n_predict`` 0 only caches the prompt (one token is generated and not returned)."""
+    or an ``APIError``. ``n_predict`` 0 only caches the prompt (one token is generated and not returned). With
+    ``editors``, the prefix is anchored where client ``key``'s previous one began."""
     check_options(body)
     extra = [{"filename": c.filename, "text": c.text} for c in body.input_extra]
     chars = len(body.input_prefix) + len(body.input_suffix) + len(body.prompt)
     chars += sum(len(c["filename"]) + len(c["text"]) for c in extra)
     check_chars(rt, chars, "input (prefix, suffix, prompt and extra chunks)", "input_prefix")
     n_ctx = rt.backend.n_ctx
+    prefix = body.input_prefix
+    if editors is not None:
+        prefix = editors.anchor(key, prefix, n_ctx * ANCHOR_CHARS_PER_TOKEN)
     n_predict = body.n_predict if body.n_predict is not None else body.max_tokens
     want = Request.max_tokens if n_predict is None or n_predict < 0 else max(1, n_predict)
     try:
-        fp = fim_prompt(rt.backend, body.input_prefix, body.input_suffix, extra, body.prompt, body.filename,
+        fp = fim_prompt(rt.backend, prefix, body.input_suffix, extra, body.prompt, body.filename,
                         reserve=min(want, n_ctx // 2))
     except NoFimError as e:
         raise APIError(400, str(e), param="input_prefix", code="fim_unsupported") from e
@@ -166,6 +189,6 @@ async def serve_infill(srv, body: InfillRequest, http: HttpRequest):
     srv.ready()
     key = http.client.host if http.client is not None else ""
     seq = srv.editors.arrive(key, srv.engine)
-    return await srv.serve(prepare_infill, body, http, chat=False,
+    return await srv.serve(partial(prepare_infill, editors=srv.editors, key=key), body, http, chat=False,
                            reply=lambda prep: InfillReply(srv, prep, body),
                            on_job=lambda job: srv.editors.claim(key, seq, job, srv.engine))

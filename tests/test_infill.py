@@ -14,7 +14,15 @@ import edgespec
 from edgespec import generate
 from edgespec.backends.base import common_prefix
 from edgespec.generate import LineStop, TextOut
-from edgespec.infill import SUFFIX_TOKENS, FimTokens, NoFimError, fim_prompt, fim_tokens, require_fim
+from edgespec.infill import (
+    SUFFIX_TOKENS,
+    FimTokens,
+    NoFimError,
+    anchored,
+    fim_prompt,
+    fim_tokens,
+    require_fim,
+)
 from tests.conftest import QWEN, SMALL
 from tests.test_stop_strings import CharBackend
 
@@ -104,6 +112,23 @@ def test_fim_prompt_truncates_to_fit(qwen):
     assert long.tokens[-SUFFIX_TOKENS - 2:-1] == [fim.suf] + long.suffix_tokens[:SUFFIX_TOKENS]
     room = fim_prompt(qwen, PREFIX, SUFFIX, extra * 40, reserve=128)  # extra chunks dropped, oldest first
     assert room.truncated and 0 < room.n_extra < 200 and len(room.tokens) <= N_CTX - 1 - 128
+
+
+def test_anchored_prefix_keeps_the_window_start():
+    lines = [f"line_{i} = {i}" for i in range(400)]
+
+    def window(a: int, b: int) -> str:
+        return "\n".join(lines[a:b]) + "\n"
+
+    first = anchored("", window(0, 256))
+    assert first == window(0, 256)
+    down = anchored(first, window(1, 257))  # Enter: the window slides by a line, its start stays
+    assert down == window(0, 257)
+    assert anchored(down, window(40, 296)) == window(0, 296)  # a jump down within the window
+    assert anchored(down, window(0, 200)) == window(0, 200)  # up: nothing to keep
+    other = "".join(f"x{i} = {i}\n" for i in range(300))
+    assert anchored(down, other) == other  # another file
+    assert anchored(down, window(256, 257)) == window(256, 257)  # too little overlap to be sure
 
 
 # ---- the editor stops --------------------------------------------------------------------------------
@@ -239,6 +264,23 @@ def test_llama_vscode_request_shape(served):
     # llama.vim's response_fields
     r = client.post("/infill", json={**body, "response_fields": ["content", "timings/prompt_n", "tokens_cached"]})
     assert set(r.json()) == {"content", "timings/prompt_n", "tokens_cached"}
+
+
+def test_sliding_window_keeps_the_prompt_cached(served):
+    """llama.vscode's window of lines before the cursor slides at a new line: the server keeps its start."""
+    rt, srv, url, client = served
+    lines = ["def weighted(values):", "    total = 0"] + [f"    total += values[{i}] * {i}" for i in range(300)]
+
+    def at(line: int) -> dict:
+        prefix = "\n".join(lines[max(0, line - 120):line]) + "\n"
+        return {**vscode_request(prefix, "    return total\n", "    ", EXTRA[:1], 4), "n_predict": 4}
+
+    rt.backend.truncate(0)
+    one = client.post("/infill", json=at(150)).json()
+    two = client.post("/infill", json=at(151)).json()  # the next line: the window lost its first line
+    assert one["timings"]["prompt_n"] == one["tokens_evaluated"]
+    assert two["timings"]["cache_n"] >= one["tokens_evaluated"] - 40  # all but the end of the prompt reused
+    assert two["tokens_evaluated"] > one["tokens_evaluated"]  # the prompt kept the line the window dropped
 
 
 def test_infill_bounds(served):
