@@ -1,14 +1,15 @@
 """Typing bench (issue 28): code completion at an editor's cursor, as llama.vscode asks for it, against
 llama-cpp-python's own ``create_completion`` on the same FIM prompt.
 
-For each of >= 10 real source files from installed packages, a scripted session moves the cursor to a few lines
-inside functions and retypes each line a few characters at a time; at every pause one request goes to a real
-``edgespec serve`` subprocess in llama.vscode's shape (``POST /infill``: ``input_prefix`` of up to 256 lines,
-``prompt`` the cursor line so far, ``input_suffix`` of up to 64 lines, 2-4 ``input_extra`` chunks from other
-files of the same package, ``n_predict``, ``n_indent`` the line's indentation, top_k 40, top_p 0.99, streamed
-so that times are the client's). The anchor, interleaved request by request (the order alternates), is
-``llama_cpp.Llama.create_completion`` on the same prompt tokens (``infill.fim_prompt``) with the same stops
-applied to its stream (``LineStop``), greedy, and no reuse across requests (``reset()`` before each).
+For each of >= 10 real source files from installed packages, a scripted session moves the cursor to a few places
+inside functions and retypes a few lines in a row there, a few characters at a time; at every pause one request goes
+to a real ``edgespec serve`` subprocess in llama.vscode's shape (``POST /infill``: ``input_prefix`` of up to 256
+lines, ``prompt`` the cursor line so far, ``input_suffix`` of up to 64 lines, 2-4 ``input_extra`` chunks from other
+files of the same package, ``n_predict``, ``n_indent`` the line's indentation, top_k 40, top_p 0.99, streamed so
+that times are the client's). The anchor, interleaved request by request (the order alternates), is
+``llama_cpp.Llama.create_completion`` on the same prompt tokens (``infill.fim_prompt`` of the prefix as the server
+anchors it, ``server_infill.Editors``) with the same stops applied to its stream (``LineStop``), greedy, and no
+reuse across requests (``reset()`` before each).
 
 Per request: time to first text, time to the whole completion, prompt tokens evaluated and cached, tokens per
 verify, and whether the texts agree. The summary gives p50/p90 of both times on both sides, the median ratio
@@ -20,7 +21,7 @@ Real run (the machine otherwise idle; about 15-30 minutes per model on 2 cores):
     python -m edgespec.benches.typing --model qwen2.5-coder-0.5b --threads 2 --out bench_out/typing
     python -m edgespec.benches.typing --model qwen2.5-coder-1.5b --threads 2 --out bench_out/typing-1.5b
 
-A tiny end-to-end check: ``--files 1 --positions 1 --pauses 2 --n-predict 8``.
+A tiny end-to-end check: ``--files 1 --positions 1 --lines 1 --pauses 2 --n-predict 8``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from edgespec import machine, registry
 from edgespec.benches.server import Options, ServerProc, installed_sources
 from edgespec.generate import LineStop
 from edgespec.infill import fim_prompt
+from edgespec.server_infill import ANCHOR_CHARS_PER_TOKEN, Editors
 
 N_PREFIX, N_SUFFIX = 256, 64  # llama.vscode's default lines before and after the cursor
 CHUNK_LINES = 64  # llama.vscode's ring-buffer chunk size
@@ -75,14 +77,15 @@ def candidate_lines(lines: list[str]) -> list[int]:
     return out
 
 
-def session(name: str, text: str, positions: int, pauses: int, step: int) -> list[Pause]:
-    """The pauses of a scripted session on one file: ``positions`` lines spread over it, each retyped from its
-    indentation, a pause every ``step`` characters (``pauses`` per line)."""
+def session(name: str, text: str, positions: int, pauses: int, step: int, run: int = 2) -> list[Pause]:
+    """The pauses of a scripted session on one file: ``positions`` places spread over it, where ``run`` lines in a
+    row are retyped from their indentation, a pause every ``step`` characters (``pauses`` per line)."""
     lines = text.splitlines()
     cands = candidate_lines(lines)
     if not cands:
         return []
     picks = [cands[(k * len(cands)) // positions] for k in range(positions)] if len(cands) >= positions else cands
+    picks = [i + d for i in picks for d in range(run) if i + d < len(lines)]
     out = []
     for i in picks:
         line = lines[i]
@@ -196,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draft", default="auto")
     ap.add_argument("--files", type=int, default=10, help="source files (default 10; at least 10 for a real run)")
     ap.add_argument("--positions", type=int, default=4, help="cursor lines per file (default 4)")
+    ap.add_argument("--lines", type=int, default=2, help="lines in a row retyped at each place (default 2)")
     ap.add_argument("--pauses", type=int, default=4, help="requests per line, one per pause (default 4)")
     ap.add_argument("--step", type=int, default=4, help="characters typed between pauses (default 4)")
     ap.add_argument("--chunks", type=int, default=3, help="input_extra chunks from the same package (2-4; default 3)")
@@ -217,10 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         tok = LlamaCppBackend(path, n_ctx=a.n_ctx, n_threads=1)  # the prompt's tokens, as the server makes them
         llm = llama_cpp.Llama(path, n_ctx=a.n_ctx, n_threads=a.threads, n_batch=512, verbose=False)
         files = list(installed_sources())[:a.files]
+        editors = Editors()
         for fi, (module, text) in enumerate(files):
             chunks = extra_chunks(module, a.chunks)
-            for k, p in enumerate(session(module, text, a.positions, a.pauses, a.step)):
-                fp = fim_prompt(tok, p.prefix, p.suffix, chunks, p.prompt, reserve=min(a.n_predict, a.n_ctx // 2))
+            for k, p in enumerate(session(module, text, a.positions, a.pauses, a.step, a.lines)):
+                prefix = editors.anchor("bench", p.prefix, a.n_ctx * ANCHOR_CHARS_PER_TOKEN)  # as the server does
+                fp = fim_prompt(tok, prefix, p.suffix, chunks, p.prompt, reserve=min(a.n_predict, a.n_ctx // 2))
                 req = body(p, chunks, a.n_predict, a.t_max_predict_ms)
                 if (fi + k) % 2 == 0:
                     es = ask_server(srv, req)
