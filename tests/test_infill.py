@@ -272,12 +272,12 @@ def test_sliding_window_keeps_the_prompt_cached(served):
     lines = ["def weighted(values):", "    total = 0"] + [f"    total += values[{i}] * {i}" for i in range(300)]
 
     def at(line: int) -> dict:
-        prefix = "\n".join(lines[max(0, line - 120):line]) + "\n"
+        prefix = "\n".join(lines[max(0, line - 50):line]) + "\n"
         return {**vscode_request(prefix, "    return total\n", "    ", EXTRA[:1], 4), "n_predict": 4}
 
     rt.backend.truncate(0)
-    one = client.post("/infill", json=at(150)).json()
-    two = client.post("/infill", json=at(151)).json()  # the next line: the window lost its first line
+    one = client.post("/infill", json=at(80)).json()
+    two = client.post("/infill", json=at(81)).json()  # the next line: the window lost its first line
     assert one["timings"]["prompt_n"] == one["tokens_evaluated"]
     assert two["timings"]["cache_n"] >= one["tokens_evaluated"] - 40  # all but the end of the prompt reused
     assert two["tokens_evaluated"] > one["tokens_evaluated"]  # the prompt kept the line the window dropped
