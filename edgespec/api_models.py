@@ -131,6 +131,7 @@ class CompletionRequest(_Sampling):
 class ExtraChunk(_Strict):
     filename: str = Field(default="tmp", max_length=1024)
     text: str = ""
+    time: Any = Field(default=None, description="accepted (llama.vscode and llama.vim send when they picked it)")
 
 
 class InfillRequest(_Sampling):
@@ -143,8 +144,8 @@ class InfillRequest(_Sampling):
     input_suffix: str = ""
     input_extra: list[ExtraChunk] = Field(default_factory=list, max_length=256)
     prompt: str = Field(default="", description="the cursor line up to the cursor, appended to input_prefix")
-    n_predict: int | None = Field(default=None, ge=-1, description="tokens at most (-1: the context's room; 0: "
-                                                                   "only cache the prompt)")
+    n_predict: int | None = Field(default=None, ge=-1, description="tokens at most (-1 or none: 256, at most the "
+                                                                   "context's room; 0: only cache the prompt)")
     n_indent: int = Field(default=0, ge=0, description="after the first line, stop at a line indented less")
     t_max_predict_ms: float | None = Field(default=None, description="after this long, stop at the next newline")
     t_max_prompt_ms: float | None = Field(default=None, description="accepted, not enforced")

@@ -228,15 +228,21 @@ def vscode_request(prefix: str, suffix: str, prompt: str, chunks: list[dict], ni
             "t_max_predict_ms": 0}
 
 
+def vscode_chunks(chunks: list[dict]) -> list[dict]:
+    """llama.vscode's ring-buffer chunks (src/extra-context.ts): ``{text, time, filename}``."""
+    return [{"text": c["text"], "time": 1733480000000 + i, "filename": c["filename"]} for i, c in enumerate(chunks)]
+
+
 def test_llama_vscode_request_shape(served):
     rt, srv, url, client = served
+    chunks = vscode_chunks(EXTRA)
     rt.backend.truncate(0)
-    r = client.post("/infill", json=vscode_request("", "", "", EXTRA, 0, warm=True))  # updateExtraContext
+    r = client.post("/infill", json=vscode_request("", "", "", chunks, 0, warm=True))  # updateExtraContext
     assert r.status_code == 200, r.text
     assert r.json()["content"] == "" and r.json()["tokens_cached"] > 0
 
     prefix, prompt = "import math\n\n\ndef area(r):\n", "    return "
-    body = vscode_request(prefix, SUFFIX, prompt, EXTRA, 4)
+    body = vscode_request(prefix, SUFFIX, prompt, chunks, 4)
     r = client.post("/infill", json=body)
     assert r.status_code == 200, r.text
     data = r.json()

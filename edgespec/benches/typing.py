@@ -112,8 +112,8 @@ def extra_chunks(module: str, n: int) -> list[dict]:
         if len(lines) < 20:
             continue
         mid = max(0, len(lines) // 2 - CHUNK_LINES // 2)
-        out.append({"filename": str(p.relative_to(here.parent.parent)),
-                    "text": "\n".join(lines[mid:mid + CHUNK_LINES]) + "\n"})
+        out.append({"text": "\n".join(lines[mid:mid + CHUNK_LINES]) + "\n", "time": int(time.time() * 1000),
+                    "filename": str(p.relative_to(here.parent.parent))})  # llama.vscode's chunk
         if len(out) == n:
             break
     return out
