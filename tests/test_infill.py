@@ -368,3 +368,16 @@ def test_cli_cursor_split():
     for bad in ("0:1", "5:1", "2", "a:b"):
         with pytest.raises(ValueError, match="cursor"):
             split_at(text, bad)
+
+
+def test_cli_infill_end_to_end(qwen_path, smol_path, tmp_path):
+    from tests.test_cli import run
+
+    f = tmp_path / "add.py"
+    f.write_text("def add(a, b):\n    \n\n\nprint(add(1, 2))\n")
+    r = run("infill", "--model", QWEN, "--file", str(f), "--cursor", "2:5", "--max-tokens", "12", "--n-indent", "4",
+            "--threads", "2", "--draft", "none")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "tok/s" in r.stderr
+    r = run("infill", "--model", SMALL, "--prefix-file", str(f), "--max-tokens", "4", "--draft", "none")
+    assert r.returncode == 2 and "fill-in-the-middle" in r.stderr and "Traceback" not in r.stderr
