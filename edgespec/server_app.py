@@ -180,6 +180,9 @@ class Server:
                 elif kind == "start":
                     reply.queued_s = value
                 elif kind == "error":
+                    answer = reply.cut(job)
+                    if answer is not None:
+                        return SafeJSONResponse(answer)
                     raise internal_error(value)
                 elif kind == "done":
                     return SafeJSONResponse(reply.whole("".join(parts), value, job))

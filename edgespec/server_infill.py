@@ -3,11 +3,11 @@ llama.vim): the request's code around the cursor and other files become the mode
 the answer carries the fields they read (``content``, ``timings``, ``tokens_cached``, ``truncated``,
 ``generation_settings.n_ctx``; ``response_fields`` picks some, as llama-server does).
 
-An editor sends a request at every pause in typing, so a new ``/infill`` request from a client host stops the
-one it still has running or waiting (``Editors``): that one ends with an error, and the model starts on the new
-cursor at once. The window of lines before the cursor that the editor sends slides down with the cursor; the
-server keeps its start where the client's previous request had it (``infill.anchored``), so a new line costs
-its own tokens and the suffix, not the whole prefix again.
+An editor sends a request at every pause in typing, so a new ``/infill`` request from a client host stops the one
+it still has running or waiting (``Editors``), and the model starts on the new cursor at once; the replaced one
+answers with no text (``superseded: true``). The window of lines before the cursor that the editor sends slides
+down with the cursor; the server keeps its start where the client's previous request had it (``infill.anchored``),
+so a new line costs its own tokens and the suffix, not the whole prefix again.
 """
 
 from __future__ import annotations
@@ -162,8 +162,25 @@ class InfillReply(Reply):
                 "edgespec": self.extra(gen, job, self.queued_s)}
 
     def whole(self, text: str, gen, job: Job) -> dict:
-        out = self.final(text, gen, job)
+        return self.picked(self.final(text, gen, job))
+
+    def picked(self, out: dict) -> dict:
         return pick(out, self.body.response_fields) if self.body.response_fields else out
+
+    def cut(self, job: Job) -> dict | None:
+        """A request replaced by a newer one from its client answers at once with no text (an editor shows no
+        suggestion, where an error would show a message); other cuts are errors."""
+        if job.reason != "superseded":
+            return None
+        req = self.prep.req
+        settings = {"n_ctx": self.srv.rt.backend.n_ctx, "n_predict": req.max_tokens, "model": self.srv.cfg.model_name}
+        timings = dict.fromkeys(("cache_n", "prompt_n", "prompt_ms", "prompt_per_token_ms", "prompt_per_second",
+                                 "predicted_n", "predicted_ms", "predicted_per_token_ms", "predicted_per_second"), 0)
+        return self.picked({"index": 0, "content": "", "id_slot": 0, "stop": True, "model": self.srv.cfg.model_name,
+                            "tokens_predicted": 0, "tokens_evaluated": len(self.prep.tokens),
+                            "generation_settings": settings, "has_new_line": False, "truncated": self.prep.truncated,
+                            "stop_type": "none", "stopping_word": "", "tokens_cached": 0, "timings": timings,
+                            "superseded": True})
 
     async def sse(self, job: Job) -> AsyncIterator[str]:
         try:
@@ -174,7 +191,9 @@ class InfillReply(Reply):
                 elif kind == "chunk" and not self.warm:
                     yield sse_line({"index": 0, "content": value, "stop": False, "id_slot": 0})
                 elif kind == "error":
-                    yield "event: error\n" + sse_line(internal_error(value).body())
+                    answer = self.cut(job)
+                    yield sse_line(answer) if answer is not None else "event: error\n" + sse_line(
+                        internal_error(value).body())
                     return
                 elif kind == "done":
                     yield sse_line(self.whole("", value, job))

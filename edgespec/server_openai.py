@@ -132,6 +132,10 @@ class Reply:
                 "ttft_ms": round(s.ttft_s * 1000, 1), "tok_s": round(s.tok_s, 2),
                 "queued_ms": round(queued_s * 1000, 1), "finish": s.finish_reason}
 
+    def cut(self, job: Job) -> dict | None:
+        """The answer to a request the server stopped early, when it is not an error (None: an error)."""
+        return None
+
     def whole(self, text: str, gen, job: Job) -> dict:
         finish = FINISH.get(gen.stats.finish_reason, "stop")
         out = self._head(self.object)
