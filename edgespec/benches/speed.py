@@ -174,7 +174,7 @@ class Bench:
 # ``--as-users``: each method is what ``edgespec.load`` gives with these options (the rest default, adaptation
 # included), on a backend of its own; ``+exact`` adds exact=True
 USER_METHODS = {"plain": {"draft": "none"}, "auto": {}, "auto-noadapt": {"adapt": False},
-                "ngram": {"draft": "ngram"}, "redrafter": {"draft": "redrafter"}}
+                "ngram": {"draft": "ngram"}, "suffix": {"draft": "suffix"}, "redrafter": {"draft": "redrafter"}}
 
 
 def user_options(name: str) -> dict:

@@ -431,9 +431,7 @@ class SuffixDrafter:
 
     def footprint(self) -> dict[str, int]:
         now = sum(i.nbytes() for i in (self.request_index, self.prediction_index, self.global_index))
-        # evicted tokens stay until they outnumber the live ones
-        most = BYTES_PER_TOKEN * (2 * self.cfg.history_tokens + self.context_tokens)
-        return {"now": now, "max": max(now, most)}
+        return {"now": now, "max": max(now, declared_bytes(self.cfg, self.context_tokens))}
 
     def close(self) -> None:
         """Archive the request in progress and save the history, when it is kept on disk."""
@@ -443,3 +441,9 @@ class SuffixDrafter:
                 self.save()
             except OSError as e:
                 self.notices.append(f"could not save the draft history {self.path} ({e})")
+
+
+def declared_bytes(cfg: SuffixConfig, n_ctx: int) -> int:
+    """What the memory planner counts for a suffix drafter: a full cross-request index (with as many evicted
+    tokens again, before they are compacted away) and a request of ``n_ctx`` tokens."""
+    return BYTES_PER_TOKEN * (2 * cfg.history_tokens + n_ctx)
