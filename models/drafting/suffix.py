@@ -154,22 +154,16 @@ class SuffixIndex:
         return BYTES_PER_TOKEN * len(self.tokens)
 
 
-def _bucket(x: float, edges: tuple[float, ...]) -> int:
-    return sum(x >= e for e in edges)
-
-
 CTX_EDGES = (3, 6, 12)  # context length buckets: 1-2, 3-5, 6-11, 12+
 RAW_EDGES = (0.3, 0.55, 0.8, 0.999)  # raw probability buckets
 SUPPORT_EDGES = (2, 5)  # occurrences behind the estimate: 1, 2-4, 5+
 N_BINS = len(SOURCES) * 4 * 5 * 3
 
 
-def prior(ctx_len: int, raw: float, support: int) -> float:
-    """Acceptance of a node before anything is observed: its raw probability, discounted for a short context
-    and for few occurrences."""
-    ctx = (0.4, 0.6, 0.8, 0.9)[_bucket(ctx_len, CTX_EDGES)]
-    sup = (0.85, 0.95, 1.0)[_bucket(support, SUPPORT_EDGES)]
-    return raw * ctx * sup
+# a node's acceptance before anything is observed: its raw probability, discounted for a short context and for
+# few occurrences
+CTX_PRIOR = (0.4, 0.6, 0.8, 0.9)
+SUPPORT_PRIOR = (0.85, 0.95, 1.0)
 
 
 @dataclass
@@ -183,9 +177,10 @@ class Calibration:
     trials: list[float] = field(default_factory=lambda: [0.0] * N_BINS)
 
     @staticmethod
-    def bin(src: int, ctx_len: int, raw: float, support: int) -> int:
-        return ((src * 4 + _bucket(ctx_len, CTX_EDGES)) * 5 + _bucket(raw, RAW_EDGES)) * 3 + _bucket(support,
-                                                                                                       SUPPORT_EDGES)
+    def bin(src: int, ctx_len: int, raw: float, support: int) -> tuple[int, float]:
+        """The bin of a node, and its prior."""
+        c, r, s = bisect_right(CTX_EDGES, ctx_len), bisect_right(RAW_EDGES, raw), bisect_right(SUPPORT_EDGES, support)
+        return ((src * 4 + c) * 5 + r) * 3 + s, raw * CTX_PRIOR[c] * SUPPORT_PRIOR[s]
 
     def rate(self, b: int, base: float) -> float:
         return (self.hits[b] + self.weight * base) / (self.trials[b] + self.weight)
@@ -305,13 +300,11 @@ class SuffixDrafter:
             if not occ:
                 continue
             length = max(m for _, m in occ)
-            nodes = self._grow(index, [e for e, m in occ if m == length], length, src, shape)
-            if not nodes:
-                continue
+            nodes, first = self._grow(index, [e for e, m in occ if m == length], length, src, shape)
             keep = shape.keep([n.p for n in nodes])
-            if not keep:
-                root = nodes[0]
-                self.calibration.forget(root.bin, self.cfg.recover)
+            if not keep:  # not worth its rows: decode plainly, and let the bin drift back to its prior
+                if first >= 0:
+                    self.calibration.forget(first, self.cfg.recover)
                 continue
             nodes = nodes[:keep]
             tree = DraftTree([n.token for n in nodes], [n.parent for n in nodes], None, [n.p for n in nodes])
@@ -325,28 +318,33 @@ class SuffixDrafter:
         self._last = (tree, nodes, src, docs)
         return tree
 
-    def _grow(self, index: SuffixIndex, ends: list[int], length: int, src: int, shape: TreeShape) -> list[_Node]:
+    def _grow(self, index: SuffixIndex, ends: list[int], length: int, src: int,
+              shape: TreeShape) -> tuple[list[_Node], int]:
         """Best-first tree from the continuations of the occurrences ending at ``ends`` (parents first, by
-        calibrated path probability)."""
+        calibrated path probability), and the bin of its most likely first node (-1: none)."""
         cfg, cal, toks = self.cfg, self.calibration, index.tokens
         budget = min(shape.max_nodes, math.ceil(cfg.max_spec_factor * length + cfg.max_spec_offset))
         width = max(1, min(shape.width, MAX_LEAVES))
+        n_toks = len(toks)
+        # no node can pay once its chance is below every cost from its place on (chances only fall)
+        floor = [min(shape.node_cost[min(k, len(shape.node_cost) - 1):] or (0.0,)) for k in range(budget)] \
+            if shape.node_cost else [0.0] * budget
         heap: list = []
         tie = 0
 
         def push(positions: list[int], parent: int, depth: int, p: float, raw: float) -> None:
             nonlocal tie
-            counts = Counter(toks[q] for q in positions if q < len(toks) and toks[q] >= 0)
+            counts = Counter([toks[q] for q in positions if q < n_toks])
+            counts.pop(-1, None)
             support = sum(counts.values())
             for tok, c in counts.most_common(width):
                 r = c / support
                 if raw * r < cfg.min_token_prob:
                     break
-                ctx_len = length + depth - 1
-                b = cal.bin(src, ctx_len, r, support)
-                base = prior(ctx_len, r, support)
+                b, base = cal.bin(src, length + depth - 1, r, support)
                 pp = p * cal.rate(b, base)
-                nxt = [q + 1 for q in positions if q < len(toks) and toks[q] == tok]
+                nxt = [q + 1 for q in positions if q < n_toks and toks[q] == tok] if c < support else \
+                    [q + 1 for q in positions if q < n_toks]
                 tie += 1
                 heapq.heappush(heap, (-pp, tie, tok, parent, depth, raw * r, b, base, nxt))
 
@@ -354,8 +352,11 @@ class SuffixDrafter:
         nodes: list[_Node] = []
         kids = [0]  # children of the root, then of each node
         leaves = 0
+        first = heap[0][6] if heap else -1
         while heap and len(nodes) < budget:
             negp, _, tok, parent, depth, raw, b, base, nxt = heapq.heappop(heap)
+            if -negp < floor[len(nodes)]:
+                break
             slot = parent + 1
             if kids[slot] >= width or (kids[slot] > 0 and leaves >= MAX_LEAVES):
                 continue
@@ -365,7 +366,7 @@ class SuffixDrafter:
             kids.append(0)
             if depth < shape.depth:
                 push(nxt, len(nodes) - 1, depth + 1, -negp, raw)
-        return nodes
+        return nodes, first
 
     def observe(self, result: VerifyResult) -> None:
         """Calibrate the bins of the nodes the target tested (children of the root and of accepted nodes)."""
