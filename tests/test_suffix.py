@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import edgespec
+from edgespec import drafters
 from edgespec.commands import drafter as drafter_cmd
 from edgespec.models.drafting.auto import AutoDrafter
 from edgespec.models.drafting.drafter import DraftContext, TreeShape, VerifyResult
@@ -149,6 +150,19 @@ def test_drafter_reset_removes_the_history(tmp_path, monkeypatch, capsys):
     assert "removed the draft history" in capsys.readouterr().out
     fresh = SuffixDrafter(history=path, key="w")
     assert not fresh.global_index.live and not fresh.notices
+
+
+def test_auto_and_suffix_specs_make_the_suffix_drafter(tmp_path):
+    model = "smollm2-135m"  # no ReDrafter head ships for it: ``auto`` needs no target here
+    auto = drafters.make(drafters.parse("auto", model), None, model, None)
+    assert isinstance(auto, AutoDrafter) and isinstance(auto.sources[0], SuffixDrafter) and auto.head is None
+    weights = tmp_path / "m.gguf"
+    weights.write_bytes(b"GGUF" + bytes(100))
+    suffix = drafters.make(drafters.parse("suffix", model), None, model, None, history=str(tmp_path / "h.npz"),
+                           weights=weights)
+    assert isinstance(suffix, SuffixDrafter) and suffix.key == drafters.weights_key(weights)
+    parts = drafters.planned_footprint(drafters.parse("auto", model))(4096, "f16", 512)
+    assert parts["suffix_index"] >= suffix.footprint()["max"] > 0
 
 
 REPEAT = ("Copy this list exactly, twice:\nalpha = [3, 1, 4, 1, 5, 9, 2, 6]\nbeta = [2, 7, 1, 8, 2, 8]\n"

@@ -77,7 +77,8 @@ def _parse_method(spec: str) -> Method:
         return Method(spec, "llama-python")
     if name.startswith("anchor-"):
         return Method(spec, "anchor", k=int(name.split("-", 1)[1]))
-    if name in ("ngram", "auto", "auto-noadapt", "redrafter") or name.startswith(("model:", "redrafter:", "xvocab:")):
+    if name in ("ngram", "suffix", "auto", "auto-noadapt", "redrafter") or \
+            name.startswith(("model:", "redrafter:", "xvocab:")):
         return Method(spec, "spec", drafter=name, depth=depth, width=width)
     raise ValueError(f"unknown bench method {spec!r}")
 

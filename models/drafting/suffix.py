@@ -21,7 +21,6 @@ import heapq
 import json
 import math
 import os
-import tempfile
 from bisect import bisect_right
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edgespec.models.drafting.drafter import DraftContext, DraftTree, TreeShape, VerifyResult
+from edgespec.models.drafting.redrafter import save_npz_atomic
 
 KEYS = (1, 2, 4, 8)  # n-gram lengths indexed
 MAX_LEAVES = 8  # the llama.cpp backend verifies trees of at most 8 leaves
@@ -410,7 +410,8 @@ class SuffixDrafter:
         self.calibration.hits, self.calibration.trials = cal[0].tolist(), cal[1].tolist()
 
     def save(self) -> None:
-        """Write the cross-request index and the calibration atomically (a temporary file, then a rename)."""
+        """Write the cross-request index and the calibration atomically (a temporary file, fsync, a rename: a crash
+        leaves the old file or the new one)."""
         if self.path is None:
             return
         docs = self.global_index.documents()
@@ -418,17 +419,7 @@ class SuffixDrafter:
                   "tokens": np.array([t for d in docs for t in d], np.int32),
                   "lengths": np.array([len(d) for d in docs], np.int64),
                   "calibration": np.array([self.calibration.hits, self.calibration.trials], np.float64)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_npz_atomic(self.path, arrays)
 
     def footprint(self) -> dict[str, int]:
         now = sum(i.nbytes() for i in (self.request_index, self.prediction_index, self.global_index))
