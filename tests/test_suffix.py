@@ -74,6 +74,16 @@ def test_earlier_requests_are_drafted_from_and_counted():
     assert chain(propose(d, [5, 300, 301, 7, 8, 9, 1]))[:1] in ([50], [51])
 
 
+def test_a_draft_stops_where_an_earlier_request_ended():
+    d = SuffixDrafter(SuffixConfig(max_spec_factor=4.0))
+    for request in ([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6], [8, 9, 10, 11, 12, 13]):
+        d.reset()
+        propose(d, request)
+    d.reset()
+    tree = propose(d, [0, 3, 4])
+    assert tree.tokens == [5, 6]  # not on into the next request's tokens
+
+
 def test_a_prediction_feeds_the_request_index():
     d = SuffixDrafter()
     auto = AutoDrafter([d])

@@ -212,9 +212,7 @@ class _Node:
     token: int
     parent: int
     p: float  # calibrated chance that the whole path is accepted
-    raw: float  # raw (count) probability of the path
-    bin: int
-    base: float  # the bin's prior for this node
+    bin: int  # its calibration bin
 
 
 class SuffixDrafter:
@@ -237,7 +235,7 @@ class SuffixDrafter:
             self._load()
         self._archived: list[int] = []  # the last request archived (the next one often extends it)
         self._expected: list[list[int]] = []  # predictions for the next request
-        self._last: tuple[DraftTree, list[_Node], int, list[int]] | None = None
+        self._last: tuple[DraftTree, list[_Node], list[int]] | None = None
         self.request_index = SuffixIndex(None, self.cfg.max_positions)
         self.prediction_index = SuffixIndex(None, self.cfg.max_positions)
         self.history: list[int] = []
@@ -292,7 +290,7 @@ class SuffixDrafter:
     def propose(self, ctx: DraftContext, shape: TreeShape) -> DraftTree:
         self._sync(ctx.cached, ctx.root)
         self._last = None
-        best: tuple[float, DraftTree, list[_Node], int, list[int]] | None = None
+        best: tuple[float, DraftTree, list[_Node], list[int]] | None = None
         for src, index in enumerate((self.request_index, self.prediction_index, self.global_index)):
             if not index.live:
                 continue
@@ -311,11 +309,11 @@ class SuffixDrafter:
             gain = shape.gain(tree)
             if best is None or gain > best[0]:
                 docs = sorted({index.doc_at(e) for e, m in occ if m == length}) if src == 2 else []
-                best = (gain, tree, nodes, src, docs)
+                best = (gain, tree, nodes, docs)
         if best is None:
             return DraftTree()
-        _, tree, nodes, src, docs = best
-        self._last = (tree, nodes, src, docs)
+        _, tree, nodes, docs = best
+        self._last = (tree, nodes, docs)
         return tree
 
     def _grow(self, index: SuffixIndex, ends: list[int], length: int, src: int,
@@ -343,10 +341,9 @@ class SuffixDrafter:
                     break
                 b, base = cal.bin(src, length + depth - 1, r, support)
                 pp = p * cal.rate(b, base)
-                nxt = [q + 1 for q in positions if q < n_toks and toks[q] == tok] if c < support else \
-                    [q + 1 for q in positions if q < n_toks]
+                nxt = [q + 1 for q in positions if q < n_toks and toks[q] == tok]
                 tie += 1
-                heapq.heappush(heap, (-pp, tie, tok, parent, depth, raw * r, b, base, nxt))
+                heapq.heappush(heap, (-pp, tie, tok, parent, depth, raw * r, b, nxt))
 
         push(ends, -1, 1, 1.0, 1.0)
         nodes: list[_Node] = []
@@ -354,7 +351,7 @@ class SuffixDrafter:
         leaves = 0
         first = heap[0][6] if heap else -1
         while heap and len(nodes) < budget:
-            negp, _, tok, parent, depth, raw, b, base, nxt = heapq.heappop(heap)
+            negp, _, tok, parent, depth, raw, b, nxt = heapq.heappop(heap)
             if -negp < floor[len(nodes)]:
                 break
             slot = parent + 1
@@ -362,7 +359,7 @@ class SuffixDrafter:
                 continue
             leaves += 1 if kids[slot] > 0 or parent < 0 else 0
             kids[slot] += 1
-            nodes.append(_Node(tok, parent, -negp, raw, b, base))
+            nodes.append(_Node(tok, parent, -negp, b))
             kids.append(0)
             if depth < shape.depth:
                 push(nxt, len(nodes) - 1, depth + 1, -negp, raw)
@@ -372,7 +369,7 @@ class SuffixDrafter:
         """Calibrate the bins of the nodes the target tested (children of the root and of accepted nodes)."""
         if self._last is None or self._last[0] is not result.tree:
             return
-        tree, nodes, src, docs = self._last
+        tree, nodes, docs = self._last
         accepted = set(result.accepted)
         for i, n in enumerate(nodes):
             if n.parent < 0 or n.parent in accepted:
