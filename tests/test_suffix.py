@@ -1,14 +1,12 @@
 """The suffix drafter: what it proposes from its indexes (this request, a prediction, earlier requests), the bounded
 cross-request index, its history file, and greedy identity with plain decoding on a real model."""
 
-import argparse
-
 import numpy as np
 import pytest
 
 import edgespec
 from edgespec import drafters
-from edgespec.commands import drafter as drafter_cmd
+from edgespec.cli import main
 from edgespec.models.drafting.auto import AutoDrafter
 from edgespec.models.drafting.drafter import DraftContext, TreeShape, VerifyResult
 from edgespec.models.drafting.prediction import PredictionDrafter
@@ -151,15 +149,17 @@ def test_a_corrupt_history_is_discarded_with_a_notice(tmp_path, damage):
 
 def test_drafter_reset_removes_the_history(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EDGESPEC_HOME", str(tmp_path / "home"))
-    path = tmp_path / "h.npz"
-    d = SuffixDrafter(history=path, key="w")
-    propose(d, [1, 2, 3])
-    d.close()
-    assert path.exists()
-    drafter_cmd.run(argparse.Namespace(target="smollm2-135m", draft_history=str(path)))
-    assert "removed the draft history" in capsys.readouterr().out
-    fresh = SuffixDrafter(history=path, key="w")
-    assert not fresh.global_index.live and not fresh.notices
+    mine, usual = tmp_path / "h.npz", tmp_path / "home" / drafters.HISTORY_DIR / "smollm2-135m.npz"
+    for path in (mine, usual):
+        d = SuffixDrafter(history=path, key="w")
+        propose(d, [1, 2, 3])
+        d.close()
+        assert path.exists()
+    assert main(["drafter", "reset", "--target", "smollm2-135m", "--draft-history", str(mine)]) == 0
+    assert capsys.readouterr().out.count("removed the draft history") == 2
+    for path in (mine, usual):
+        fresh = SuffixDrafter(history=path, key="w")
+        assert not fresh.global_index.live and not fresh.notices
 
 
 def test_auto_and_suffix_specs_make_the_suffix_drafter(tmp_path):
