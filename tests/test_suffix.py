@@ -210,3 +210,18 @@ def test_greedy_output_equals_plain_decoding(smol_path, depth):
 def test_greedy_trees_equal_plain_decoding(qwen_path):
     """Trees with siblings (the default width), on the model whose tree verify is bit-exact."""
     _same_as_plain(qwen_path, draft_depth=2)
+
+
+def test_the_repetition_prompt_sets():
+    from edgespec.benches import prompts
+
+    asked = []
+    revisions = prompts.conversations("code-revision", 100, lambda msgs, n: asked.append(n) or "```python\n```")
+    assert len(revisions) >= 10 and all(len(c) == 5 and c[-1]["role"] == "user" for c in revisions)
+    assert set(asked) == {512} and "whole code again" in revisions[0][-1]["content"]
+    agent = prompts.conversations("agent-loop", 1000, None)
+    assert len(agent) >= 10 * 5 and all(c[-1]["role"] == "user" for c in agent)
+    assert [len(c) for c in agent[:6]] == [2, 4, 6, 8, 10, 2]  # every assistant turn of a task, then the next task
+    extraction = prompts.conversations("extraction", 100, None)
+    assert len(extraction) >= 10 and all('"name"' in c[0]["content"] for c in extraction)
+    assert {"code-revision", "agent-loop", "extraction"} <= set(prompts.SETS)
