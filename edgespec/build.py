@@ -2,7 +2,7 @@
 plan applied, the drafter made. ``load`` is the one path used by the CLI, the Python API, the benches and
 the server.
 
-Defaults (the same in ``edgespec.load`` and on the command line): ``draft="auto"`` (context n-grams, the
+Defaults (the same in ``edgespec.load`` and on the command line): ``draft="auto"`` (suffix drafting, the
 ReDrafter head shipped for the model on probation, a request's prediction; each step the tree that pays most
 at the measured verify costs, plain decoding where none pays) and ``adapt="auto"`` (online adaptation of the
 head starts only once the head has shown that it pays on this machine, and only where its trainer, torch, is
@@ -84,9 +84,9 @@ def load(model: str = registry.DEFAULT_MODEL, options: LoadOptions | None = None
     """Load a model by registry id or ``.gguf`` path (downloading a registry model on first use).
 
     Options: a ``LoadOptions`` or its keywords (not both): n_ctx, n_threads, kv_type (f16|q8_0|q4_0), backend
-    (auto|llama.cpp|mlx), draft (auto, ngram, redrafter[:<file>], model:<id>, xvocab:<id>, none), draft_depth
-    (fix the depth instead of the cost-aware controller), draft_width, adapt (True, False, auto), memory_budget,
-    exact, huge_pages.
+    (auto|llama.cpp|mlx), draft (auto, suffix, ngram, redrafter[:<file>], model:<id>, xvocab:<id>, none),
+    draft_depth (fix the depth instead of the cost-aware controller), draft_width, adapt (True, False, auto),
+    memory_budget, exact, huge_pages, draft_history (a file for the suffix drafter's cross-request index).
     """
     if options is not None and kwargs:
         raise TypeError(f"give LoadOptions or its keywords, not both ({', '.join(kwargs)})")
@@ -108,7 +108,8 @@ def open_runtime(checked: Checked) -> Runtime:
     try:
         # the draft model gets the planned context, KV type and batch: what its declared footprint assumed
         draft_open = lambda p: open_backend(p, dataclasses.replace(opts, backend="llama.cpp", memory_budget=None))
-        drafter = drafters.make(spec, backend, model, draft_open)
+        drafter = drafters.make(spec, backend, model, draft_open, history=opts.draft_history, weights=path,
+                                n_ctx=opts.n_ctx)
     except BaseException:
         backend.close()
         raise

@@ -1,7 +1,8 @@
-"""Drafter construction: a drafter spec (``auto``, ``ngram``, ``redrafter[:<file>]``, ``model:<id>``,
+"""Drafter construction: a drafter spec (``auto``, ``suffix``, ``ngram``, ``redrafter[:<file>]``, ``model:<id>``,
 ``xvocab:<id>``, ``none``) checked before any model loads, its planned memory, and the drafter itself.
 
-``auto`` is the combined default (``models/drafting/auto.py``): context n-grams, plus the ReDrafter head shipped or
+``auto`` is the combined default (``models/drafting/auto.py``): the suffix drafter (this request, a prediction and
+earlier requests; ``models/drafting/suffix.py``), plus the ReDrafter head shipped or
 trained for the model (on probation: asked only while it pays), plus a request's prediction when given.
 
 This is the one place that turns a spec into a drafter, for the CLI, the API, the benches and the server.
@@ -20,13 +21,14 @@ from edgespec.backends.base import Backend
 from edgespec.models.drafting.drafter import Drafter
 from edgespec.options import MAX_WIDTH  # noqa: F401  (re-read by callers as drafters.MAX_WIDTH)
 
-SPEC_HELP = "auto, ngram, redrafter[:<weights.npz>], model:<id or path>, xvocab:<id or path> or none"
+SPEC_HELP = "auto, suffix, ngram, redrafter[:<weights.npz>], model:<id or path>, xvocab:<id or path> or none"
 NGRAM_BYTES = 8 << 20  # the n-gram index of a 4k-token context, generously
+HISTORY_DIR = "draft-history"  # under the cache folder: where `edgespec drafter reset` looks for history files
 
 
 @dataclass(frozen=True)
 class DraftSpec:
-    kind: str  # none | auto | ngram | redrafter | model | xvocab
+    kind: str  # none | auto | suffix | ngram | redrafter | model | xvocab
     arg: str = ""  # weights file (redrafter; auto: its head, if any) or model id/path (model, xvocab)
 
     def __str__(self) -> str:
@@ -56,8 +58,8 @@ def parse(spec: str | None, model: str) -> DraftSpec:
     if spec == "auto":
         head = redrafter_weights(model)
         return DraftSpec("auto", str(head) if head else "")
-    if spec == "ngram":
-        return DraftSpec("ngram")
+    if spec in ("ngram", "suffix"):
+        return DraftSpec(spec)
     if spec == "redrafter" or spec.startswith("redrafter:"):
         if ":" in spec:
             path = Path(spec.split(":", 1)[1]).expanduser()
@@ -109,14 +111,19 @@ def planned_footprint(spec: DraftSpec, adapt: bool = False,
     ``target_vocab``: the target's vocabulary size (a cross-vocabulary drafter maps both vocabularies)."""
     if spec.kind == "none":
         return lambda n_ctx, kv_type, n_batch: {}
-    if spec.kind in ("ngram", "redrafter", "auto"):
-        parts = {"ngram_index": NGRAM_BYTES} if spec.kind in ("ngram", "auto") else {}
+    if spec.kind in ("ngram", "suffix", "redrafter", "auto"):
+        from edgespec.models.drafting.suffix import SuffixConfig, declared_bytes
+
+        parts = {"ngram_index": NGRAM_BYTES} if spec.kind == "ngram" else {}
         if spec.head is not None:
             from edgespec.models.drafting import online, redrafter
 
             parts["head"] = redrafter.declared_bytes(spec.head)
             if adapt:
                 parts.update(online.declared_parts(spec.head))
+        if spec.kind in ("suffix", "auto"):  # the request's index grows with the context
+            return lambda n_ctx, kv_type, n_batch: {**parts,
+                                                    "suffix_index": declared_bytes(SuffixConfig(), n_ctx)}
         return lambda n_ctx, kv_type, n_batch: dict(parts)
     from edgespec.memory.footprint import DRAFT, llama_footprint, read_shape
 
@@ -131,24 +138,30 @@ def planned_footprint(spec: DraftSpec, adapt: bool = False,
                                             **extra}
 
 
-def make(spec: DraftSpec, target: Backend, model: str, open_backend: Callable[[Path], Backend]) -> Drafter | None:
+def make(spec: DraftSpec, target: Backend, model: str, open_backend: Callable[[Path], Backend],
+         history: str | None = None, weights: Path | None = None, n_ctx: int = 4096) -> Drafter | None:
     """Build the drafter of a parsed spec. ``open_backend(path)`` opens a draft model's backend with the
     target's planned context, KV type and batch (what ``planned_footprint`` declared). A ReDrafter head starts
-    from this user's adapted state when that state was adapted from these very weights (``head_start``)."""
+    from this user's adapted state when that state was adapted from these very weights (``head_start``).
+    ``history``: the file of the suffix drafter's cross-request index, for the model file ``weights``."""
     if spec.kind == "none":
         return None
-    if spec.kind in ("ngram", "auto"):
-        from edgespec.models.drafting.auto import AutoDrafter
+    if spec.kind == "ngram":
         from edgespec.models.drafting.ngram import NgramDrafter
 
-        if spec.kind == "ngram":
-            return NgramDrafter()
+        return NgramDrafter()
+    if spec.kind in ("suffix", "auto"):
+        from edgespec.models.drafting.auto import AutoDrafter
+
+        suffix = suffix_drafter(model, history, weights, n_ctx)
+        if spec.kind == "suffix":
+            return suffix
         head = None
         if spec.head is not None:
             from edgespec.models.drafting.redrafter import ReDrafter
 
             head = ReDrafter(head_start(spec.head, model), target, self_gating=True)
-        return AutoDrafter([NgramDrafter()], head)
+        return AutoDrafter([suffix], head)
     if spec.kind == "redrafter":
         from edgespec.models.drafting.redrafter import ReDrafter
 
@@ -165,6 +178,32 @@ def make(spec: DraftSpec, target: Backend, model: str, open_backend: Callable[[P
     except BaseException:
         backend.close()
         raise
+
+
+def weights_key(path: Path) -> str:
+    """What a draft history is keyed to: the model file's size and a SHA-256 of its first and last MiB (its
+    header and metadata, and the tail of its tensors), cheap on a file of gigabytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return f"{size}:{h.hexdigest()}"
+
+
+def suffix_drafter(model: str, history: str | None, weights: Path | None, n_ctx: int = 4096):
+    """The suffix drafter, with its history file (a corrupt one or one for other weights is set aside with a
+    notice on stderr)."""
+    from edgespec.models.drafting.suffix import SuffixDrafter
+
+    key = weights_key(weights) if history and weights is not None else registry.model_key(model)
+    d = SuffixDrafter(history=history, key=key, context_tokens=n_ctx)
+    for line in d.notices:
+        print(f"edgespec: {line}", file=sys.stderr)
+    return d
 
 
 def head_of(drafter: Drafter | None):

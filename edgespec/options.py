@@ -23,7 +23,8 @@ class LoadOptions:
     n_threads: int | None = None
     kv_type: str = "f16"  # f16 | q8_0 | q4_0
     backend: str = "auto"
-    draft: str | None = "auto"  # None/"none" | "auto" | "ngram" | "redrafter[:<path>]" | "model:<id>" | "xvocab:<id>"
+    # None/"none" | "auto" | "suffix" | "ngram" | "redrafter[:<path>]" | "model:<id>" | "xvocab:<id>"
+    draft: str | None = "auto"
     draft_depth: int | None = None  # fixed draft depth instead of the cost-aware controller
     draft_width: int | None = None  # candidates per node / beams (default: the drafter's own)
     n_batch: int = 512
@@ -31,6 +32,7 @@ class LoadOptions:
     memory_budget: int | str | None = None  # bytes or "1.5GB": plan context/KV/batch/drafter to fit it
     exact: bool = False  # verify batches only as large as stay bit-identical to plain decoding
     huge_pages: bool | None = None  # llama.cpp buffers in huge pages (None: on unless EDGESPEC_HUGE_PAGES=0)
+    draft_history: str | None = None  # a file that keeps the suffix drafter's cross-request index (None: memory)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:

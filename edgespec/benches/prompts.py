@@ -9,6 +9,15 @@ module docstrings of the Python standard library, present wherever edgespec runs
 * ``revision``: a two-turn code revision: turn 1 asks for code (answered here by the model itself, greedy),
   turn 2 asks for a change and the whole code again; the bench times turn 2.
 
+Workloads where users repeat themselves (what suffix drafting is for; the material is standard-library source):
+
+* ``code-revision``: three turns on a standard-library function: turn 1 rewrites it as a module of its own, turns 2
+  and 3 ask for a change and the whole code again (turns 1 and 2 answered by the model itself); the bench times
+  turn 3;
+* ``agent-loop``: an editor agent's scripted tool calls (list files, read a file, edit it, run the tests, report),
+  each tool's result fed back; every assistant turn is a prompt of its own, the tasks one after another;
+* ``extraction``: the functions a module's documentation describes, as JSON objects with the same keys each.
+
 The chat and adversarial prompts are also what the drafter's training data is decontaminated against
 (``models/training/corpus.py``)."""
 
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 
 from edgespec import registry
 from edgespec.backends.base import Backend
@@ -146,7 +156,40 @@ REVISION = [
      "again."),
 ]
 
-SETS = ("humaneval", "chat", "adversarial", "summarize", "passage-qa", "translate", "qa-math", "revision")
+# standard-library functions (module, qualified name) whose source is the material of code-revision and agent-loop
+FUNCTIONS = [("textwrap", "indent"), ("string", "capwords"), ("colorsys", "rgb_to_hls"), ("fnmatch", "filter"),
+             ("statistics", "median"), ("statistics", "mode"), ("html", "unescape"), ("zipfile", "is_zipfile"),
+             ("mimetypes", "guess_type"), ("dataclasses", "asdict"), ("tempfile", "mkdtemp"),
+             ("difflib", "get_close_matches"), ("textwrap", "dedent")]
+
+REVISE = [
+    "Add type hints to every function and raise a ValueError with a clear message on invalid input. Show the whole "
+    "code again.",
+    "Rename the main function to `{name}_v2`, add a short usage example to its docstring and keep everything else "
+    "as it is. Show the whole code again.",
+]
+
+AGENT_SYSTEM = (
+    "You are a coding agent working in a repository. Call exactly one tool per reply, as\n"
+    '<tool_call>\n{"name": <tool>, "arguments": <JSON object>}\n</tool_call>\n'
+    "Tools: list_files(path) lists a folder; read_file(path) returns a file; write_file(path, content) replaces a "
+    "file with new content; run_tests(path) runs the tests in a file. Results come back in <tool_response> tags. "
+    "When the task is done, answer in one short paragraph without a tool call.")
+
+AGENT_TASKS = [
+    "Add type hints to `{name}` in {path}, keeping its behaviour, and check that the tests pass.",
+    "Add a docstring example to `{name}` in {path} and make sure the tests still pass.",
+    "Rename the local variables of `{name}` in {path} to clearer names, then run the tests.",
+]
+
+# modules whose functions are extracted: every object of an answer repeats the keys of the one before it
+EXTRACTION = ["textwrap", "shutil", "json", "random", "statistics", "heapq", "base64", "difflib", "fnmatch", "shlex",
+              "glob", "calendar"]
+EXTRACT_KEYS = ('"name", "parameters" (a list of the parameter names), "returns" (what it returns, in a few words) '
+                'and "summary" (one sentence)')
+
+SETS = ("humaneval", "chat", "adversarial", "summarize", "passage-qa", "translate", "qa-math", "revision",
+        "code-revision", "agent-loop", "extraction")
 
 
 def passages() -> list[tuple[str, str]]:
@@ -162,8 +205,91 @@ def passages() -> list[tuple[str, str]]:
     return out
 
 
+def functions() -> list[tuple[str, str, str]]:
+    """(module, function name, source) of the ``FUNCTIONS`` this Python has."""
+    out = []
+    for module, name in FUNCTIONS:
+        try:
+            out.append((module, name, inspect.getsource(getattr(importlib.import_module(module), name))))
+        except (ImportError, AttributeError, OSError, TypeError):
+            continue
+    return out
+
+
+def code_revision(n: int, answer) -> list[list[dict]]:
+    """Three-turn revisions of standard-library functions, turns 1 and 2 answered by ``answer``."""
+    out = []
+    for module, name, src in functions()[:n]:
+        msgs = [{"role": "user", "content": f"Here is `{name}` from Python's `{module}` module:\n\n```python\n{src}"
+                 f"```\n\nRewrite it as a standalone Python module with the imports it needs and a docstring."}]
+        for change in REVISE:
+            msgs += [{"role": "assistant", "content": answer(msgs, 512)},
+                     {"role": "user", "content": change.format(name=name)}]
+        out.append(msgs)
+    return out
+
+
+def _call(name: str, **arguments) -> str:
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}) + "\n</tool_call>"
+
+
+def _result(text: str) -> dict:
+    return {"role": "user", "content": f"<tool_response>\n{text}\n</tool_response>"}
+
+
+def agent_loop(n: int) -> list[list[dict]]:
+    """An editor agent's turns, task after task: every prompt ends where the assistant takes its next turn (the
+    earlier turns scripted: list the files, read one, write it back edited, run its tests, report)."""
+    out: list[list[dict]] = []
+    for i, (module, name, src) in enumerate(functions()):
+        path, test = f"src/{module}_{name}.py", f"tests/test_{module}_{name}.py"
+        edited = f"from __future__ import annotations\n\n\n{src}"  # the scripted edit
+        lines = len(edited.splitlines())
+        msgs = [{"role": "system", "content": AGENT_SYSTEM},
+                {"role": "user", "content": AGENT_TASKS[i % len(AGENT_TASKS)].format(name=name, path=path)}]
+        steps = [(_call("list_files", path="."),
+                  _result("\n".join(["README.md", "pyproject.toml", path, test, "src/__init__.py"]))),
+                 (_call("read_file", path=path), _result(src)),
+                 (_call("write_file", path=path, content=edited), _result(f"wrote {lines} lines to {path}")),
+                 (_call("run_tests", path=test),
+                  _result(f"============ 3 passed in 0.{i + 1}2s ============\n{test} ...  [100%]")),
+                 ("", None)]
+        for call, result in steps:
+            out.append(list(msgs))  # the assistant's next turn is timed
+            msgs += [{"role": "assistant", "content": call}, result] if result else []
+    return out[:n]
+
+
+def extraction(n: int) -> list[list[dict]]:
+    """Structured extraction: the public functions of a module's documentation as JSON objects with fixed keys."""
+    out = []
+    for module in EXTRACTION:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        docs = []
+        for name in sorted(getattr(mod, "__all__", dir(mod))):
+            obj = getattr(mod, name, None)
+            if name.startswith("_") or not callable(obj) or inspect.isclass(obj) or not inspect.getdoc(obj):
+                continue
+            try:
+                sig = str(inspect.signature(obj))
+            except (TypeError, ValueError):
+                continue
+            docs.append(f"{name}{sig}\n    {inspect.getdoc(obj).split(chr(10) + chr(10))[0]}")
+            if len(docs) == 8:
+                break
+        if len(docs) >= 4:
+            out.append([{"role": "user", "content": f"Documentation of Python's `{module}` module:\n\n"
+                         + "\n\n".join(docs) + f"\n\nExtract every function described above as a JSON array of "
+                         f"objects with the keys {EXTRACT_KEYS}. Answer with the JSON only."}])
+    return out[:n]
+
+
 def conversations(kind: str, n: int, answer=None) -> list[list[dict]]:
-    """The chat sets as conversations. ``revision`` needs ``answer(messages) -> str`` for its turn 1."""
+    """The chat sets as conversations. ``revision`` and ``code-revision`` need ``answer(messages, max_tokens) ->
+    str`` for their earlier turns."""
     if kind == "chat":
         return [[{"role": "user", "content": t}] for t in CHAT_PROMPTS[:n]]
     if kind == "adversarial":
@@ -185,6 +311,12 @@ def conversations(kind: str, n: int, answer=None) -> list[list[dict]]:
             msgs += [{"role": "assistant", "content": answer(msgs)}, {"role": "user", "content": second}]
             out.append(msgs)
         return out
+    if kind == "code-revision":
+        return code_revision(n, answer)
+    if kind == "agent-loop":
+        return agent_loop(n)
+    if kind == "extraction":
+        return extraction(n)
     raise ValueError(f"unknown prompt set {kind!r}: {', '.join(SETS)}")
 
 
@@ -203,9 +335,9 @@ def load_prompts(kind: str, n: int, backend: Backend) -> list[list[int]]:
         s = render(info.chat_template, msgs, info.bos_text, info.eos_text)
         return backend.tokenize(s, add_special=False, parse_special=True)
 
-    def answer(msgs: list[dict]) -> str:  # turn 1 of a revision: the model's own greedy answer
+    def answer(msgs: list[dict], max_tokens: int = 320) -> str:  # an earlier turn: the model's own greedy answer
         from edgespec.generate import GenerationConfig, Stats, stream
 
-        return "".join(stream(backend, tokens(msgs), GenerationConfig(max_tokens=320), Stats()))
+        return "".join(stream(backend, tokens(msgs), GenerationConfig(max_tokens=max_tokens), Stats()))
 
     return [tokens(m) for m in conversations(kind, n, answer)]

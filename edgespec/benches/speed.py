@@ -78,7 +78,8 @@ def _parse_method(spec: str) -> Method:
         return Method(spec, "llama-python")
     if name.startswith("anchor-"):
         return Method(spec, "anchor", k=int(name.split("-", 1)[1]))
-    if name in ("ngram", "auto", "auto-noadapt", "redrafter") or name.startswith(("model:", "redrafter:", "xvocab:")):
+    if name in ("ngram", "suffix", "auto", "auto-noadapt", "redrafter") or \
+            name.startswith(("model:", "redrafter:", "xvocab:")):
         return Method(spec, "spec", drafter=name, depth=depth, width=width)
     raise ValueError(f"unknown bench method {spec!r}")
 
@@ -166,7 +167,7 @@ class Bench:
 # ``--as-users``: each method is what ``edgespec.load`` gives with these options (the rest default, adaptation
 # included), on a backend of its own; ``+exact`` adds exact=True
 USER_METHODS = {"plain": {"draft": "none"}, "auto": {}, "auto-noadapt": {"adapt": False},
-                "ngram": {"draft": "ngram"}, "redrafter": {"draft": "redrafter"}}
+                "ngram": {"draft": "ngram"}, "suffix": {"draft": "suffix"}, "redrafter": {"draft": "redrafter"}}
 
 
 def user_options(name: str) -> dict:

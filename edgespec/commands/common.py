@@ -22,10 +22,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores, at most 8)")
     p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"])
     p.add_argument("--draft", default="auto",
-                   help="speculative drafter: auto (context n-grams, the model's ReDrafter head while it pays, a "
-                        "request's prediction: per step whichever pays most), ngram, "
+                   help="speculative drafter: auto (suffix drafting, the model's ReDrafter head while it pays, a "
+                        "request's prediction: per step whichever pays most), suffix (from what the model has seen "
+                        "and said, in this request and earlier ones), ngram (this request only), "
                         "redrafter[:<weights.npz>], model:<id> (same-vocabulary draft model), xvocab:<id> (draft "
                         "model with another vocabulary), none (default: auto)")
+    p.add_argument("--draft-history", default=None, metavar="PATH",
+                   help="keep the suffix drafter's index of earlier prompts and outputs in this file across runs "
+                        "(default: in memory while the model is loaded; `edgespec drafter reset` clears it)")
     p.add_argument("--draft-depth", type=int, default=None, help="fixed draft depth (default: cost-aware controller)")
     p.add_argument("--draft-width", type=int, default=None, help="candidates per draft node / beams")
     p.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=None,
@@ -59,7 +63,8 @@ def load_options(a: argparse.Namespace) -> Checked:
     loads."""
     options = LoadOptions(n_ctx=a.n_ctx, n_threads=a.threads, kv_type=a.kv_type, backend=a.backend, draft=a.draft,
                           draft_depth=a.draft_depth, draft_width=a.draft_width, memory_budget=a.memory_budget,
-                          adapt="auto" if a.adapt is None else a.adapt, exact=a.exact, huge_pages=a.huge_pages)
+                          adapt="auto" if a.adapt is None else a.adapt, exact=a.exact, huge_pages=a.huge_pages,
+                          draft_history=getattr(a, "draft_history", None))
     return check(a.model, options)
 
 

@@ -1,10 +1,11 @@
 """The default drafter: every source that can pay, one tree per step, plain decoding where none does.
 
-Sources, cheapest and surest first: a caller's prediction (per request), the context (n-grams over what the
-model has already seen and said) and a learned head (ReDrafter) on the target's hidden state. Each step every
-cheap source proposes a tree with its calibrated acceptance chances (``DraftTree.p``), and the tree with the
-largest expected gain at the measured verify costs (``TreeShape.gain``: accepted tokens expected, less the
-price of the extra verify rows, in plain steps) is kept; with no positive gain the step is plain decoding.
+Sources, cheapest and surest first: a caller's prediction (per request), the context (the suffix drafter: what
+the model has already seen and said, in this request and earlier ones) and a learned head (ReDrafter) on the
+target's hidden state. Each step every cheap source proposes a tree with its calibrated acceptance chances
+(``DraftTree.p``), and the tree with the largest expected gain at the measured verify costs (``TreeShape.gain``:
+accepted tokens expected, less the price of the extra verify rows, in plain steps) is kept; with no positive gain
+the step is plain decoding.
 
 The head costs a beam search (a few ms) and needs the target's hidden state, so it is on probation
 (``Probation``): it is asked only while its measured gain per attempt is positive, and otherwise now and then
@@ -83,7 +84,12 @@ class AutoDrafter:
         return self.head is not None and self.gate.peek()
 
     def with_sources(self, first: list[Drafter]) -> AutoDrafter:
-        """The same drafter with per-request sources (a prediction) asked first; the rest is shared."""
+        """The same drafter with per-request sources (a prediction) asked first; the rest is shared. A shared
+        source that indexes text (the suffix drafter's ``expect``) also gets the predicted tokens."""
+        predicted = [d.pred for d in first if isinstance(getattr(d, "pred", None), list)]
+        for src in self.sources:
+            if predicted and hasattr(src, "expect"):
+                src.expect(predicted)
         return AutoDrafter(first + self.sources, self.head, self.gate)
 
     def propose(self, ctx: DraftContext, shape: TreeShape) -> DraftTree:
