@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from starlette.concurrency import run_in_threadpool
 
 from edgespec import tools as toolcalls
-from edgespec.api_models import ChatRequest, CompletionRequest
+from edgespec.api_models import ChatRequest, CompletionRequest, response_format
 from edgespec.generate import PromptTooLongError, check_stop
 from edgespec.infill import NoFimError, fim_prompt, suffix_drafter
 from edgespec.models.drafting.prediction import PredictionDrafter
@@ -198,13 +198,17 @@ def make_request(rt: Runtime, body, tokens: list[int], max_tokens: int | None, p
                             f"the prompt{' or lower ' + param if max_tokens else ''}",
                        param="messages" if isinstance(body, ChatRequest) else "prompt",
                        code="context_length_exceeded")
+    fmt, field = response_format(body)
     try:
         return Request(max_tokens=max_tokens,
                        temperature=1.0 if body.temperature is None else body.temperature,
                        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed,
-                       stop=() if body.stop is None else body.stop, cancel=threading.Event())
+                       stop=() if body.stop is None else body.stop, cancel=threading.Event(), response_format=fmt)
     except ValueError as e:
-        raise value_error(e) from e
+        err = value_error(e)
+        if str(e).startswith("response_format"):  # an invalid or unsupported schema, regex or grammar
+            err.param = field
+        raise err from e
 
 
 async def prepare(fn, *args) -> Prepared:

@@ -45,9 +45,9 @@ def grammar_of(response_format: dict | None) -> str | None:
         grammar = _from_schema(ANY_OBJECT)
     elif kind == "json_schema":
         spec = response_format.get("json_schema")
-        if not isinstance(spec, dict):
+        if not isinstance(spec, dict) or "schema" not in spec:
             raise ValueError("response_format.json_schema must be an object with a 'schema'")
-        schema = spec.get("schema", ANY_OBJECT)  # OpenAI: a missing schema means any JSON object
+        schema = spec["schema"]
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)

@@ -19,6 +19,7 @@ from edgespec.structured import Constraint, grammar_of
 from tests.conftest import SMALL
 
 jsonschema_rs = pytest.importorskip("jsonschema_rs")
+openai = pytest.importorskip("openai")
 
 PERSON = {
     "type": "object",
@@ -263,3 +264,64 @@ def test_sampled_acceptance_keeps_the_masked_distribution():
         counts[tree.tokens[accepted[0]] if accepted else nxt] += 1
     assert counts[[0, 2, 4, 7]].sum() == 0
     assert 0.5 * np.abs(counts / n - target).sum() < 0.02
+
+
+# ---- the server ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def served(smol_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    from edgespec.server import Server, ServerConfig, create_app
+    from tests.test_server import KEY, Served, serve_in_thread
+
+    r = edgespec.load(SMALL, n_ctx=1024, n_threads=2, draft="ngram", exact=True, adapt=False)
+    srv = Server(ServerConfig(model_name=SMALL, api_key=KEY, max_queue=4))
+    srv.attach(r)
+    server, thread, url = serve_in_thread(create_app(srv))
+    yield Served(r, srv, url)
+    server.should_exit = True
+    thread.join(30)
+    srv.close()
+
+
+def test_server_response_format_json_schema(served):
+    validator = jsonschema_rs.validator_for(PERSON)
+    for seed in (None, 1, 2):
+        r = served.client.chat.completions.create(
+            model=SMALL, messages=[{"role": "user", "content": PROMPT}], max_tokens=120, seed=seed,
+            temperature=0 if seed is None else 0.9, response_format=schema_format(PERSON))
+        validator.validate(json.loads(r.choices[0].message.content))
+        assert r.choices[0].finish_reason == "stop"
+    r = served.client.completions.create(model=SMALL, prompt=PROMPT, max_tokens=120, temperature=0,
+                                         extra_body={"response_format": {"type": "json_object"}})
+    assert isinstance(json.loads(r.choices[0].text), dict)
+
+
+def test_server_llama_server_fields(served):
+    r = served.http.post("/v1/completions", json={"prompt": "The date: ", "max_tokens": 16, "temperature": 0,
+                                                  "grammar": 'root ::= [0-9]{4} "-" [0-9]{2} "-" [0-9]{2}'})
+    assert r.status_code == 200, r.text
+    assert re.fullmatch(DATE, r.json()["choices"][0]["text"])
+    r = served.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": PROMPT}],
+                                                       "max_tokens": 120, "temperature": 0, "json_schema": PERSON})
+    assert r.status_code == 200, r.text
+    jsonschema_rs.validator_for(PERSON).validate(json.loads(r.json()["choices"][0]["message"]["content"]))
+
+
+@pytest.mark.parametrize("body,param,named", [
+    ({"response_format": schema_format({"type": "array", "uniqueItems": True})}, "response_format", "uniqueItems"),
+    ({"response_format": {"type": "regex", "pattern": "[a-"}}, "response_format", "unclosed"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "schema"),
+    ({"json_schema": {"type": "strin"}}, "json_schema", "strin"),
+    ({"grammar": 'root ::= "a" missing'}, "grammar", "missing"),
+    ({"grammar": 'root ::= "a"', "json_schema": {"type": "object"}}, "grammar", "not both"),
+])
+def test_server_invalid_formats_get_400_naming_them(served, body, param, named):
+    r = served.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                       "max_tokens": 4, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and named in err["message"]
+    with pytest.raises(openai.BadRequestError):
+        served.client.chat.completions.create(model=SMALL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                              response_format=schema_format({"type": "array", "uniqueItems": True}))
