@@ -17,6 +17,7 @@ from edgespec.sampling import PositionRng, SamplingParams, probs
 from edgespec.speculative import accept_sampling, prune, speculative_steps
 from edgespec.structured import Constraint, grammar_of
 from tests.conftest import SMALL
+from tests.test_speculative import OracleDrafter
 
 jsonschema_rs = pytest.importorskip("jsonschema_rs")
 openai = pytest.importorskip("openai")
@@ -121,46 +122,16 @@ def test_stop_string_inside_constrained_output(rt):
 
 
 # ---- decoding under a grammar: exactness and drafts -----------------------------------------------------
-class ScriptDrafter:
-    """Proposes a fixed tree continuing any root (with ``beams``); records every proposal."""
-
-    name = "script"
-    needs_hidden = False
-    self_gating = False
-    max_depth = 4
-    default_width = 1
+class ScriptDrafter(OracleDrafter):
+    """Proposes a fixed tree (``beams``) continuing any root; counts its proposals."""
 
     def __init__(self, beams):
         self.beams = beams
         self.proposed = 0
 
-    def reset(self):
-        pass
-
     def propose(self, ctx, shape):
         self.proposed += 1
         return pack_beams(self.beams)[0]
-
-    def observe(self, result):
-        pass
-
-    def footprint(self):
-        return {"now": 0, "max": 0}
-
-
-class OracleDrafter(ScriptDrafter):
-    """Proposes the known constrained greedy continuation with a decoy sibling the grammar rejects."""
-
-    def __init__(self, prompt, out, decoy):
-        super().__init__([])
-        self.full, self.decoy = list(prompt) + list(out), decoy
-
-    def propose(self, ctx, shape):
-        pos = len(ctx.cached) + 1
-        if self.full[:pos - 1] != list(ctx.cached) or pos >= len(self.full):
-            return DraftTree()
-        good = self.full[pos:pos + 3]
-        return pack_beams([good, [self.decoy] + good[1:]])[0]
 
 
 def run(backend, prompt, grammar, steps_for, **cfg):
@@ -183,9 +154,8 @@ def run(backend, prompt, grammar, steps_for, **cfg):
     return out, text, stats, forwarded
 
 
-def exact_controller(backend, drafter=None):
-    return controller_for(drafter, fixed_depth=3 if drafter else None, exact_rows=backend.exact_rows,
-                          exact_context=backend.exact_context)
+def exact_controller(backend):
+    return controller_for(None, exact_rows=backend.exact_rows, exact_context=backend.exact_context)
 
 
 def test_forced_batching_and_cut_drafts_change_no_greedy_token(smol):
@@ -199,10 +169,11 @@ def test_forced_batching_and_cut_drafts_change_no_greedy_token(smol):
                           max_tokens=100)
     assert jump == plain
     assert st.forced > 0 and st.verifies < len(plain) and max(map(len, fw)) > 1
-    decoy = smol.tokenize("zzz", add_special=False)[0]  # never valid where the drafts start (JSON syntax)
-    drafter = OracleDrafter(prompt, plain, decoy)
-    spec, _, st, fw = run(smol, prompt, grammar,
-                          lambda c: speculative_steps(drafter, exact_controller(smol, drafter), c), max_tokens=100)
+    decoy = smol.tokenize("zzz", add_special=False)[0]  # a sibling the grammar rejects at the first draft level
+    # except inside strings
+    drafter = OracleDrafter(prompt, plain, decoy=decoy - 1)  # beams: the greedy continuation and [decoy, ...]
+    ctl = controller_for(drafter, width=2, fixed_depth=1, exact_rows=smol.exact_rows, exact_context=smol.exact_context)
+    spec, _, st, fw = run(smol, prompt, grammar, lambda c: speculative_steps(drafter, ctl, c), max_tokens=100)
     assert spec == plain
     assert st.accepted > 0 and st.pruned > 0
 
