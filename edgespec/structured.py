@@ -191,3 +191,31 @@ class Constraint:
     def accepting(self) -> bool:
         """May the output end here (the grammar is satisfied)?"""
         return self.matcher.is_accepting()
+
+
+def tool_call_format(tools: list[dict], tool_choice, close: str) -> dict | None:
+    """A ``{"type": "grammar"}`` response format that makes the answer one tool call, for a tool_choice that asks
+    for one (``"required"`` or a named function) after ``tools.forced_prefix`` opened it: the call's JSON (a named
+    function: only its arguments, the name being in the prefix) and ``close``. A tool with ``"strict": true``
+    gets its parameters' schema; another one any JSON object. None for any other tool_choice."""
+    if tool_choice == "required":
+        calls = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                                   "arguments": _parameters(t["function"])},
+                  "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+        body = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        lark = f"start: call {json.dumps(close)}\ncall: %json {json.dumps(_with_options(body))}"
+    elif isinstance(tool_choice, dict):
+        name = tool_choice["function"]["name"]
+        fn = next(t["function"] for t in tools if t["function"]["name"] == name)
+        lark = f'start: args "}}" {json.dumps(close)}\nargs: %json {json.dumps(_with_options(_parameters(fn)))}'
+    else:
+        return None
+    return {"type": "grammar", "grammar": lark}
+
+
+def _parameters(fn: dict) -> dict:
+    return (fn.get("parameters") or {"type": "object"}) if fn.get("strict") else {"type": "object"}
+
+
+def _with_options(schema: dict) -> dict:
+    return {**schema, "x-guidance": JSON_OPTIONS}

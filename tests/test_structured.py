@@ -296,3 +296,52 @@ def test_server_invalid_formats_get_400_naming_them(served, body, param, named):
     with pytest.raises(openai.BadRequestError):
         served.client.chat.completions.create(model=SMALL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                               response_format=schema_format({"type": "array", "uniqueItems": True}))
+
+
+# ---- tool calls with strict schemas ------------------------------------------------------------------------------
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "strict": True, "description": "The weather forecast for a city.",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"], "properties": {
+        "city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+
+
+@pytest.fixture(scope="module")
+def qwen_rt(qwen_path):
+    from tests.conftest import QWEN
+
+    r = edgespec.load(QWEN, n_ctx=2048, n_threads=2, draft="ngram", adapt=False)
+    yield r
+    r.close()
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_strict_tool_calls_follow_the_schema(qwen_rt, choice):
+    from edgespec import tools as toolcalls
+    from edgespec.api_models import ChatRequest
+    from edgespec.server_prepare import prepare_chat
+
+    body = ChatRequest.model_validate({
+        "messages": [{"role": "user", "content": "Is it warm in Valencia today? Use Fahrenheit."}],
+        "tools": [WEATHER, TIME], "tool_choice": choice, "max_tokens": 80, "temperature": 0})
+    prep = prepare_chat(qwen_rt, body)
+    assert prep.req._grammar is not None
+    text = qwen_rt.start(prep.tokens, prep.req).text()
+    _, calls = toolcalls.parse(prep.prefix + text, prep.tools)
+    assert len(calls) == 1 and calls[0]["function"]["name"] == "get_weather", text
+    jsonschema_rs.validator_for(WEATHER["function"]["parameters"]).validate(
+        json.loads(calls[0]["function"]["arguments"]))
+
+
+def test_a_strict_tool_the_engine_cannot_enforce_is_a_400(qwen_rt):
+    from edgespec.api_models import ChatRequest
+    from edgespec.server_openai import APIError
+    from edgespec.server_prepare import prepare_chat
+
+    bad = {"type": "function", "function": {"name": "f", "strict": True,
+                                            "parameters": {"type": "array", "uniqueItems": True}}}
+    body = ChatRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], "tools": [bad],
+                                       "tool_choice": "required", "max_tokens": 8})
+    with pytest.raises(APIError) as e:
+        prepare_chat(qwen_rt, body)
+    assert e.value.status == 400 and e.value.param == "tools" and "uniqueItems" in e.value.message
