@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import edgespec
+from edgespec.backends.base import detokenize
 from edgespec.controller import controller_for
 from edgespec.generate import GenerationConfig, Stats, plain_steps, stream
 from edgespec.models.drafting.drafter import DraftTree, pack_beams
@@ -345,3 +346,43 @@ def test_a_strict_tool_the_engine_cannot_enforce_is_a_400(qwen_rt):
     with pytest.raises(APIError) as e:
         prepare_chat(qwen_rt, body)
     assert e.value.status == 400 and e.value.param == "tools" and "uniqueItems" in e.value.message
+
+
+def test_mlx_backend_constrained(smol_path):
+    """The mask is applied where edgespec samples (numpy rows from either backend): MLX on the CPU build."""
+    pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx_lm")
+    from edgespec.backends.mlx_backend import MlxBackend
+
+    mb = MlxBackend(smol_path, n_ctx=512, bits="gguf", progress=False)
+    try:
+        grammar = grammar_of({"type": "regex", "pattern": DATE})
+        prompt = mb.tokenize("The first moon landing was on ")
+        plain, text, _, _ = run(mb, prompt, grammar, lambda c: functools.partial(plain_steps, constraint=c),
+                                max_tokens=16)
+        assert re.fullmatch(DATE, text)
+        ctl = controller_for(None)
+        jump, _, st, _ = run(mb, prompt, grammar, lambda c: speculative_steps(None, ctl, c), max_tokens=16)
+        assert re.fullmatch(DATE, detokenize(mb, jump))  # (batched rows may part from plain at a near-tie)
+        assert st.forced > 0
+    finally:
+        mb.close()
+
+
+def test_bench_set_compiles_and_summarizes():
+    from edgespec.benches.structured import Answer, summarize, validator
+    from edgespec.benches.structured_tasks import TASKS
+
+    assert len(TASKS) >= 20 and len({t.name for t in TASKS}) == len(TASKS)
+    kinds = {t.response_format["type"] for t in TASKS}
+    assert kinds == {"json_schema", "json_object", "regex"}
+    for t in TASKS:
+        grammar_of(t.response_format)
+    date = next(t for t in TASKS if t.name == "regex-date")
+    assert validator(date)("2024-03-18") and not validator(date)("March 18")
+    answers = [Answer("plain", "a", None, "x", 10, 10.0, True, 0, 0.2), Answer("default", "a", None, "x", 10, 15.0,
+                                                                               True, 4, 0.3),
+               Answer("llama-python", "a", None, "y", 10, 12.0, False)]
+    s = summarize(answers)
+    assert s["default"]["median_speedup_vs_plain"] == 1.5 and s["default"]["greedy_equal_to_plain"] == 1.0
+    assert s["default"]["median_speedup_vs_llama_python"] == 1.25 and s["llama-python"]["valid"] == 0.0
