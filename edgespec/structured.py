@@ -103,12 +103,15 @@ class _Vocab:
         self.bos_token_id = info.bos
         self.tokens = [backend.token_bytes(t) for t in range(info.n_vocab)]
         self.special_token_ids: list[int] = []
-        self._backend = backend
+        self._backend = weakref.ref(backend)  # the tokenizer, cached per backend, must not keep it alive
 
     def __call__(self, text: bytes | str) -> list[int]:
+        backend = self._backend()
+        if backend is None:
+            raise RuntimeError("the backend of this tokenizer has been freed")
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
-        return self._backend.tokenize(text, add_special=False, parse_special=False)
+        return backend.tokenize(text, add_special=False, parse_special=False)
 
 
 def _build_tokenizer(backend: Backend) -> llg.LLTokenizer:
