@@ -75,7 +75,11 @@ class Prediction(_Strict):
 
 
 class ResponseFormat(_Open):
-    type: Literal["text", "json_object", "json_schema"]
+    """OpenAI's ``response_format`` (``json_schema``: {"name", "schema", "strict"}), plus edgespec's
+    ``{"type": "regex", "pattern"}`` and ``{"type": "grammar", "grammar": <Lark or GBNF>}``; the content is
+    checked by ``structured.grammar_of``."""
+
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"]
 
 
 Stop = str | Annotated[list[str], Field(max_length=16)] | None
@@ -98,6 +102,10 @@ class _Sampling(_Strict):
     logit_bias: dict[str, float] | None = Field(default=None, description="unsupported (400 unless empty)")
     presence_penalty: float | None = Field(default=None, ge=-2, le=2, description="unsupported unless 0")
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2, description="unsupported unless 0")
+    response_format: ResponseFormat | None = Field(
+        default=None, description="json_object, json_schema, and edgespec's regex and grammar (Lark or GBNF)")
+    json_schema: dict[str, Any] | None = Field(default=None, description="llama-server's: a JSON schema for the answer")
+    grammar: str | None = Field(default=None, description="llama-server's: a GBNF (or Lark) grammar for the answer")
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
@@ -110,7 +118,6 @@ class ChatRequest(_Sampling):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     prediction: Prediction | None = None
-    response_format: ResponseFormat | None = Field(default=None, description="only {'type': 'text'}")
     logprobs: bool | None = Field(default=None, description="unsupported")
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="unsupported")
     modalities: list[str] | None = Field(default=None, description="only ['text']")
@@ -166,10 +173,7 @@ def unsupported(body: _Sampling) -> tuple[str, str] | None:
         ("frequency_penalty", body.frequency_penalty not in (None, 0), "frequency_penalty is not supported"),
     ]
     if isinstance(body, ChatRequest):
-        rf = body.response_format
         checks += [
-            ("response_format", rf is not None and rf.type != "text",
-             "response_format other than {'type': 'text'} (JSON mode, JSON schema) is not supported"),
             ("logprobs", bool(body.logprobs), "logprobs are not supported"),
             ("top_logprobs", bool(body.top_logprobs), "top_logprobs are not supported"),
             ("modalities", body.modalities not in (None, ["text"]), "only the text modality is supported"),
@@ -185,7 +189,20 @@ def unsupported(body: _Sampling) -> tuple[str, str] | None:
             ("best_of", body.best_of not in (None, 1), "only best_of=1 is supported"),
             ("logprobs", bool(body.logprobs), "logprobs are not supported"),
         ]
+    given = [k for k in ("response_format", "json_schema", "grammar") if getattr(body, k) is not None]
+    checks.append((given[-1] if given else "", len(given) > 1, f"give one of {' and '.join(given)}, not both"))
     for param, bad, why in checks:
         if bad:
             return param, why
     return None
+
+
+def response_format(body: _Sampling) -> tuple[dict | None, str]:
+    """The request's response format as ``Request.response_format`` takes it, and the field it came from
+    (OpenAI's ``response_format``, or llama-server's ``json_schema`` or ``grammar``)."""
+    if body.json_schema is not None:
+        return {"type": "json_schema", "json_schema": {"schema": body.json_schema}}, "json_schema"
+    if body.grammar is not None:
+        return {"type": "grammar", "grammar": body.grammar}, "grammar"
+    rf = body.response_format
+    return (None if rf is None else rf.model_dump(exclude_none=True)), "response_format"

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from edgespec.backends.base import (
@@ -20,6 +21,7 @@ from edgespec.backends.base import (
     common_prefix,
 )
 from edgespec.sampling import PositionRng, SamplingParams, sample
+from edgespec.structured import Constraint
 
 
 class PromptTooLongError(ValueError):
@@ -84,6 +86,9 @@ class Stats:
     accepted_per_depth: list[int] = field(default_factory=list)
     drafted_per_depth: list[int] = field(default_factory=list)
     draft_s: float = 0.0
+    forced: int = 0  # tokens the grammar forced, appended without sampling and evaluated in one batch
+    pruned: int = 0  # draft nodes the grammar rejected, cut before verification
+    grammar_s: float = 0.0  # time in the grammar engine (masks, consuming tokens, validating drafts)
 
     @property
     def tok_s(self) -> float:
@@ -133,19 +138,34 @@ def prefill(backend: Backend, prompt: list[int], stats: Stats, want_hidden: bool
 
 
 def plain_steps(backend: Backend, first: ForwardOut, sp: SamplingParams, rng: PositionRng,
-                stats: Stats, max_tokens: int) -> Iterator[list[int]]:
+                stats: Stats, max_tokens: int, constraint: Constraint | None = None) -> Iterator[list[int]]:
     """Plain decoding: one token per target forward; the token at output position k is drawn with
-    ``rng.at(k)``."""
+    ``rng.at(k)``. Under a ``constraint`` each token is drawn from the grammar's masked, renormalized
+    distribution (``functools.partial(plain_steps, constraint=...)`` is the step source)."""
     logits = first.logits[-1]
     pos = 0
     while True:
-        tok = sample(logits, sp, None if sp.greedy else rng.at(pos))
+        tok = pick(logits, sp, rng, pos, constraint)
         pos += 1
+        if constraint is not None:
+            stats.grammar_s = constraint.grammar_s
         yield [tok]
         out = backend.forward([tok], [-1], want_hidden=False)
         backend.commit([0])
         stats.verifies += 1
         logits = out.logits[0]
+
+
+def pick(logits: np.ndarray, sp: SamplingParams, rng: PositionRng, pos: int,
+         constraint: Constraint | None = None) -> int:
+    """The token at output position ``pos``: the target's argmax or its sample from ``rng.at(pos)``, under the
+    grammar's mask when there is a ``constraint`` (which then consumes the token)."""
+    if constraint is not None:
+        logits = constraint.masked(logits)
+    tok = sample(logits, sp, None if sp.greedy else rng.at(pos))
+    if constraint is not None:
+        constraint.consume([tok])
+    return tok
 
 
 class StopMatcher:

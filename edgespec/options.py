@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from edgespec.generate import Cancel, GenerationConfig
 from edgespec.memory.planner import parse_size
 from edgespec.sampling import SamplingParams
+from edgespec.structured import grammar_of
 
 MAX_WIDTH = 8  # the llama.cpp backend verifies trees of at most 8 leaves (n_seq_max)
 
@@ -78,6 +79,9 @@ class Request:
     timeout: float | None = None  # seconds to wait for the model before BusyError (None: wait)
     n_indent: int = 0  # editors: after the first line, stop at a line indented less than this (0: off)
     t_max_predict_ms: float = 0.0  # editors: after this long generating, stop at the next newline (0: off)
+    # structured output: {"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": ...}},
+    # {"type": "regex", "pattern": ...} or {"type": "grammar", "grammar": <Lark or GBNF>} (edgespec.structured)
+    response_format: dict | None = None
 
     def __post_init__(self):
         for name in ("temperature", "top_p"):
@@ -91,6 +95,9 @@ class Request:
         if self.timeout is not None and not self.timeout >= 0:
             raise ValueError(f"timeout must be >= 0 seconds, not {self.timeout!r}")
         self._config = self.config()  # raises ValueError naming a bad max_tokens/temperature/top_p/top_k/stop
+        self._grammar = grammar_of(self.response_format)  # raises ValueError naming an invalid/unsupported one
+        if self._grammar is not None and self.ignore_eos:
+            raise ValueError("ignore_eos cannot be combined with a response_format (the grammar decides the end)")
 
     def config(self) -> GenerationConfig:
         sp = SamplingParams(float(self.temperature), self.top_k, float(self.top_p), self.seed)

@@ -39,6 +39,7 @@ from edgespec.models.drafting.auto import AutoDrafter
 from edgespec.models.drafting.drafter import Drafter
 from edgespec.options import Request, as_request
 from edgespec.speculative import speculative_steps
+from edgespec.structured import Constraint
 
 if TYPE_CHECKING:
     from edgespec.session import ChatSession
@@ -138,6 +139,9 @@ class Generation(Iterator[str]):
             ctl = controller_for(drafter, costs=dict(rt.controller.verify_s), **rt.exact_caps())
             ctl.memory = rt.controller.memory
         steps = plain_steps if drafter is None else speculative_steps(drafter, ctl)
+        if self.req._grammar is not None:  # forced tokens in one batch, drafts cut and verified under the grammar
+            constraint = Constraint.for_backend(rt.backend, self.req._grammar)
+            steps = speculative_steps(drafter, ctl, constraint)
         background.ACTIVITY.enter()  # background work in this process waits until the request ends
         self._active = True
         rt.last_stats = self.stats

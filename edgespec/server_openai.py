@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop", "indent": "stop",
           "time": "length"}
-PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "response_format")
 
 
 class APIError(Exception):
@@ -76,7 +76,7 @@ def param_of(loc: tuple) -> str | None:
 
 def value_error(e: ValueError) -> APIError:
     """A ``Request``'s ValueError ("top_p must be ...") as a 400 naming its parameter."""
-    word = str(e).split(" ", 1)[0]
+    word = str(e).split(" ", 1)[0].split(".", 1)[0]
     return APIError(400, str(e), param=word if word in PARAMS else None, code="invalid_value")
 
 

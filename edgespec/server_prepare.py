@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
+from edgespec import structured
 from edgespec import tools as toolcalls
-from edgespec.api_models import ChatRequest, CompletionRequest
+from edgespec.api_models import ChatRequest, CompletionRequest, response_format
 from edgespec.generate import PromptTooLongError, check_stop
 from edgespec.infill import NoFimError, fim_prompt, suffix_drafter
 from edgespec.models.drafting.prediction import PredictionDrafter
@@ -137,7 +138,10 @@ def prepare_chat(rt: Runtime, body: ChatRequest, default_max_tokens: int | None 
         drafter = PredictionDrafter(pred) if pred else None
     limit = body.max_completion_tokens or body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-    req = make_request(rt, body, tokens, limit, param, default_max_tokens)
+    tool_format = None
+    if prefix and body.tools:  # the answer is a call: its JSON follows the tools' schemas (strict ones exactly)
+        tool_format = structured.tool_call_format(tools, choice, "\n" + toolcalls.CLOSE)
+    req = make_request(rt, body, tokens, limit, param, default_max_tokens, tool_format)
     names = frozenset(t.function.name for t in body.tools) if tools else None
     return Prepared(tokens, req, drafter, names, prefix)
 
@@ -185,9 +189,10 @@ def prepare_fim(rt: Runtime, body: CompletionRequest, prompt: str) -> Prepared:
 
 
 def make_request(rt: Runtime, body, tokens: list[int], max_tokens: int | None, param: str,
-                 default: int | None) -> Request:
+                 default: int | None, tool_format: dict | None = None) -> Request:
     """The generation request, or a 400: a prompt that does not fit with the asked completion length is
-    refused with the token counts (a default length is cut to the room left instead)."""
+    refused with the token counts (a default length is cut to the room left instead). ``tool_format``: the
+    grammar of a tool call that tool_choice asks for."""
     n_ctx = rt.backend.n_ctx
     n = len(tokens)
     if max_tokens is None and n < n_ctx:
@@ -198,13 +203,24 @@ def make_request(rt: Runtime, body, tokens: list[int], max_tokens: int | None, p
                             f"the prompt{' or lower ' + param if max_tokens else ''}",
                        param="messages" if isinstance(body, ChatRequest) else "prompt",
                        code="context_length_exceeded")
+    fmt, field = response_format(body)
+    if tool_format is not None:
+        if fmt is not None:
+            raise APIError(400, f"{field} cannot be combined with a tool_choice that asks for a tool call",
+                           param=field)
+        fmt, field = tool_format, "tools"
     try:
         return Request(max_tokens=max_tokens,
                        temperature=1.0 if body.temperature is None else body.temperature,
                        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed,
-                       stop=() if body.stop is None else body.stop, cancel=threading.Event())
+                       stop=() if body.stop is None else body.stop, cancel=threading.Event(), response_format=fmt)
     except ValueError as e:
-        raise value_error(e) from e
+        err = value_error(e)
+        if str(e).startswith("response_format"):  # an invalid or unsupported schema, regex or grammar
+            err.param = field
+            if field == "tools":
+                err.message = "a strict tool's parameters cannot be enforced: " + err.message.split(": ", 1)[-1]
+        raise err from e
 
 
 async def prepare(fn, *args) -> Prepared:

@@ -65,3 +65,26 @@ def test_bench_names_every_bench_and_passes_server_options_through():
         assert r.stdout.startswith("usage: edgespec bench --server") and "--sections" in r.stdout
     r = run("bench", "--server", "--prompts", "chat")  # a speed-bench option is refused, not ignored
     assert r.returncode == 2 and "unrecognized arguments: --prompts chat" in r.stderr
+
+
+def test_generate_structured(smol_path, tmp_path):
+    import json
+    import re
+
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}},
+                                  "required": ["name"], "additionalProperties": False}))
+    r = run("generate", "--model", "smollm2-135m", "--max-tokens", "40", "--threads", "2", "--draft", "none",
+            "--json-schema", str(schema), "--stats-json", "Name a famous scientist as JSON.")
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout)) == {"name"}
+    stats = json.loads(r.stderr.strip().splitlines()[-1])
+    assert stats["finish_reason"] == "eos" and stats["forced"] > 0
+    r = run("generate", "--model", "smollm2-135m", "--max-tokens", "16", "--threads", "2", "--draft", "none", "--raw",
+            "--regex", "[0-9]{4}", "The year the war ended:")
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch("[0-9]{4}", r.stdout.strip())
+    r = run("generate", "--model", "smollm2-135m", "--grammar", str(tmp_path / "missing.lark"), "hi")
+    assert r.returncode == 2 and "--grammar" in r.stderr and "Traceback" not in r.stderr
+    r = run("generate", "--model", "smollm2-135m", "--regex", "[a-", "hi")
+    assert r.returncode == 2 and "unclosed" in r.stderr and "Traceback" not in r.stderr

@@ -136,21 +136,9 @@ class Bench:
         return Run(gen.tokens, gen.stats.tok_s, gen.stats.as_dict())
 
     def _run_llama(self, llm, prompt: list[int]) -> Run:
-        eog = self.target.info.eog
-        out: list[int] = []
-        t0 = time.perf_counter()
-        t_first = None
-        for tok in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, reset=True):
-            if t_first is None:
-                t_first = time.perf_counter()
-            if tok in eog:
-                break
-            out.append(tok)
-            if len(out) >= self.max_tokens:
-                break
-        t_end = time.perf_counter()
-        decode = t_end - (t_first or t0)
-        return Run(out, len(out) / decode if decode > 0 else 0.0, {"ttft_s": (t_first or t_end) - t0})
+        out, ttft, decode = llama_generate(llm, prompt, self.target.info.eog, self.max_tokens,
+                                           top_k=1, top_p=1.0, min_p=0.0, temp=0.0)
+        return Run(out, len(out) / decode if decode > 0 else 0.0, {"ttft_s": ttft})
 
     def margin_at(self, prompt: list[int], plain: list[int], i: int) -> float:
         return top2_margin(self.target, prompt + plain[:i])
@@ -211,6 +199,25 @@ class UserBench:
     def close(self) -> None:
         for rt in self.runtimes.values():
             rt.close()
+
+
+def llama_generate(llm, prompt: list[int], eog: frozenset[int], max_tokens: int,
+                   **sampling) -> tuple[list[int], float, float]:
+    """llama-cpp-python's own ``Llama.generate`` loop (``sampling``: its keywords, e.g. ``grammar``): the tokens
+    before EOS or ``max_tokens``, the seconds to the first token, and the seconds after it."""
+    out: list[int] = []
+    t0 = time.perf_counter()
+    t_first = None
+    for tok in llm.generate(prompt, reset=True, **sampling):
+        if t_first is None:
+            t_first = time.perf_counter()
+        if tok in eog:
+            break
+        out.append(tok)
+        if len(out) >= max_tokens:
+            break
+    t_end = time.perf_counter()
+    return out, (t_first or t_end) - t0, t_end - (t_first or t0)
 
 
 def top2_margin(backend, tokens: list[int]) -> float:

@@ -9,6 +9,8 @@ import sys
 from edgespec import registry
 from edgespec.benches.prompts import SETS as PROMPT_SETS
 
+METHODS_DEFAULT = "plain,llama-python,anchor-2,anchor-10,ngram"
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark decoding methods side by side on the same prompts")
@@ -16,7 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prompts", default="humaneval", choices=list(PROMPT_SETS))
     p.add_argument("--n", type=int, default=20, help="number of prompts (default 20)")
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--methods", default="plain,llama-python,anchor-2,anchor-10,ngram",
+    p.add_argument("--methods", default=METHODS_DEFAULT,
                    help="comma-separated: plain, llama-python, anchor-K, ngram[@D[xW]], redrafter[@D[xW]], auto, "
                         "model:<id>[@D]")
     p.add_argument("--threads", type=int, default=2)
@@ -40,6 +42,13 @@ def add_parser(sub) -> None:
                    help="fixed draft depth of the --online runs, so that tokens/verify measures the drafter itself "
                         "(0: the cost-aware controller)")
     p.add_argument("--chat-tokens", type=int, default=64, help="tokens per turn of the 10-turn chat (--memory-budgets)")
+    p.add_argument("--constrained", action="store_true",
+                   help="structured-output benchmark instead (edgespec/benches/structured_tasks.py): edgespec's "
+                        "constrained plain decoding, its default constrained path and llama-cpp-python's grammar "
+                        "generation, interleaved; uses --model, --n (tasks, 0: all 23), --max-tokens, --threads, "
+                        "--n-ctx, --draft, --out, and --methods among plain,default,llama-python")
+    p.add_argument("--constrained-seeds", type=int, default=3,
+                   help="sampled runs per task besides the greedy one (--constrained; default 3)")
     p.add_argument("--server", action="store_true",
                    help="server benchmark instead (edgespec serve against the in-process API): every other option "
                         "goes to it; `edgespec bench --server --help` lists them")
@@ -47,6 +56,12 @@ def add_parser(sub) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
+    if a.constrained:
+        from edgespec.benches.structured import main as structured_main
+
+        if a.methods == METHODS_DEFAULT:
+            a.methods = ""
+        return structured_main(a)
     if a.online:
         from edgespec.benches.online import main as online_main
 
