@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
                    help="after the first line, stop at a line indented less than this (default 0: off)")
     p.add_argument("--t-max-predict-ms", type=float, default=0,
                    help="after this long generating, stop at the next newline (default 0: no limit)")
-    p.add_argument("--json", action="store_true", help="print the stats as JSON on stderr")
+    p.add_argument("--stats-json", action="store_true", help="print the stats as JSON on stderr")
     p.set_defaults(func=run)
 
 
@@ -61,5 +61,5 @@ def run(a: argparse.Namespace) -> int:
     req = common.request(a, n_indent=a.n_indent, t_max_predict_ms=a.t_max_predict_ms)
     with common.open_runtime(checked) as rt:
         gen = rt.infill(prefix, suffix, extra, req, stream=True, filename=filename)
-        common.print_stream(gen, a.json)
+        common.print_stream(gen, a.stats_json)
     return 0
