@@ -7,12 +7,13 @@ import sys
 
 import pytest
 
+from edgespec import load
 from edgespec.drafters import NGRAM_BYTES
 from edgespec.memory.footprint import read_shape, run_footprint
 from edgespec.memory.live import MemoryGuard, rss_bytes
 from edgespec.memory.planner import SAFETY, BudgetError
 from edgespec.models.drafting.ngram import NgramDrafter
-from edgespec.runtime import Runtime, load
+from edgespec.runtime import Runtime
 
 TIGHT_RUN = """
 import json, sys
