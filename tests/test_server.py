@@ -1,7 +1,8 @@
 """The OpenAI-compatible server: a real uvicorn server on a loopback port, driven by the real ``openai`` client
-(and httpx for raw bodies), serving qwen2.5-coder-0.5b. Greedy answers are compared with the in-process
-``Runtime`` on the same model; ``exact=True`` keeps verify batches bit-identical to plain decoding, and each
-comparison starts both sides from the same cache state (``fresh``)."""
+(and httpx for raw bodies), serving qwen2.5-coder-0.5b (conftest's ``served``: started once for this module and
+test_server_hardening.py, idle with empty caches at the start of each test). Greedy answers are compared with the
+in-process ``Runtime`` on the same model; ``exact=True`` keeps verify batches bit-identical to plain decoding, and
+each comparison starts both sides from the same cache state (``fresh``)."""
 
 from __future__ import annotations
 
@@ -19,57 +20,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import edgespec  # noqa: E402
 from edgespec.server import Server, ServerConfig, create_app  # noqa: E402
-from tests.conftest import QWEN  # noqa: E402
-
-KEY = "test-key"
-N_CTX = 2048
-
-
-class Served:
-    def __init__(self, rt, srv: Server, url: str):
-        self.rt, self.srv, self.url = rt, srv, url
-        self.client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
-        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
-
-    def metric(self, name: str) -> float:
-        text = self.http.get("/metrics").text
-        for line in text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        raise KeyError(name)
-
-    def fresh(self) -> None:
-        """Empty live cache and prompt cache (the server is idle)."""
-        self.rt.backend.truncate(0)
-        if self.srv.cache is not None:
-            self.srv.cache.clear()
-
-
-def serve_in_thread(app):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.02)
-    return server, thread, f"http://127.0.0.1:{port}"
-
-
-@pytest.fixture(scope="module")
-def served(qwen_path):
-    rt = edgespec.load(QWEN, n_ctx=N_CTX, n_threads=2, draft="ngram", exact=True, adapt=False)
-    srv = Server(ServerConfig(model_name=QWEN, api_key=KEY, max_queue=16))
-    srv.attach(rt)
-    server, thread, url = serve_in_thread(create_app(srv))
-    s = Served(rt, srv, url)
-    yield s
-    server.should_exit = True
-    thread.join(30)
-    srv.close()
+from tests.conftest import KEY, N_CTX, QWEN, Served  # noqa: E402
 
 
 def ask(text: str, system: str | None = None) -> list[dict]:
