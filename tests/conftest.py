@@ -1,6 +1,21 @@
-"""Shared fixtures: the real small models (pulled on first use) and their backends."""
+"""Shared fixtures: the real small models (pulled on first use), their llama.cpp backends and a plain runtime
+(loaded once per module), and the served qwen2.5-coder-0.5b (started once for the server tests).
 
+A test gets a shared backend or runtime with an empty KV cache (``smol``, ``qwen``, ``backend``, ``smol_rt``), so
+it does not depend on what ran before it. Tests that need a model of their own still load one: other options, a
+runtime they close or break, a crash or exit, memory measured in a fresh process.
+
+Models are not kept for the whole session: a load under a memory budget counts what the process already holds, so
+a model kept from an earlier module would change the plans of later tests. The served model is closed after the
+last test that uses it."""
+
+from __future__ import annotations
+
+import gc
 import os
+import socket
+import threading
+import time
 
 import pytest
 
@@ -12,6 +27,8 @@ os.environ.setdefault("EDGESPEC_HUGE_PAGES", "0")
 
 SMALL = "smollm2-135m"
 QWEN = "qwen2.5-coder-0.5b"
+KEY = "test-key"  # the served model's API key
+N_CTX = 2048  # the served model's context
 
 
 @pytest.fixture(scope="session")
@@ -33,19 +50,158 @@ def make_backend(path, **kw):
 
 
 @pytest.fixture(scope="module")
-def smol(smol_path):
+def smol_backend(smol_path):
+    """smollm2-135m (context 2048, 2 threads) for the module: use ``smol``, which empties its cache."""
     b = make_backend(smol_path)
     yield b
     b.close()
 
 
 @pytest.fixture(scope="module")
-def qwen(qwen_path):
+def qwen_backend(qwen_path):
+    """qwen2.5-coder-0.5b (context 2048, 2 threads) for the module: use ``qwen``, which empties its cache."""
     b = make_backend(qwen_path)
     yield b
     b.close()
 
 
+@pytest.fixture
+def smol(smol_backend):
+    smol_backend.truncate(0)
+    yield smol_backend
+    smol_backend.truncate(0)
+
+
+@pytest.fixture
+def qwen(qwen_backend):
+    qwen_backend.truncate(0)
+    yield qwen_backend
+    qwen_backend.truncate(0)
+
+
 @pytest.fixture(params=[SMALL, QWEN])
 def backend(request):
     return request.getfixturevalue("smol" if request.param == SMALL else "qwen")
+
+
+def reset_runtime(rt) -> None:
+    """An idle runtime as if just loaded, for the next test: an empty KV cache and no prompt cache."""
+    deadline = time.time() + 10
+    while rt._owner is not None and time.time() < deadline:  # a dropped stream frees the model as it is collected
+        gc.collect()
+        time.sleep(0.01)
+    assert not rt.closed and rt._owner is None, "a test left its shared runtime closed or held"
+    rt.backend.truncate(0)
+    rt.prompt_cache = None
+
+
+@pytest.fixture(scope="module")
+def _smol_rt(smol_backend):
+    from edgespec.runtime import Runtime
+
+    return Runtime(smol_backend, SMALL)  # not closed: smol_backend closes the backend
+
+
+@pytest.fixture
+def smol_rt(_smol_rt):
+    """A plain (no drafter) runtime on the shared smollm2-135m backend, idle with an empty cache."""
+    reset_runtime(_smol_rt)
+    yield _smol_rt
+    reset_runtime(_smol_rt)
+
+
+# ---- the served model ----------------------------------------------------------------------------------
+class Served:
+    def __init__(self, rt, srv, url: str):
+        import httpx
+        import openai
+
+        self.rt, self.srv, self.url = rt, srv, url
+        self.client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+
+    def metric(self, name: str) -> float:
+        text = self.http.get("/metrics").text
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+    def fresh(self) -> None:
+        """Empty live cache and prompt cache (the server is idle)."""
+        self.rt.backend.truncate(0)
+        if self.srv.cache is not None:
+            self.srv.cache.clear()
+
+
+def serve_in_thread(app):
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline, "the server did not start"
+        time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+_LAST_SERVED: list[str] = []  # the node id of the last collected test that uses the served model
+_CLOSE_SERVED: list = []  # how to stop it, while it runs
+
+
+def pytest_collection_finish(session):
+    users = [item.nodeid for item in session.items if "_served" in getattr(item, "fixturenames", ())]
+    _LAST_SERVED[:] = users[-1:]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    if _CLOSE_SERVED and [item.nodeid] == _LAST_SERVED:  # the model's memory is not carried into later tests
+        _CLOSE_SERVED.pop()()
+
+
+@pytest.fixture(scope="session")
+def _served(qwen_path):
+    """qwen2.5-coder-0.5b (n-gram drafter, exact verifies) behind a real uvicorn server on a loopback port, for
+    test_server.py and test_server_hardening.py: loaded, calibrated and started once, stopped after the last test
+    that uses it."""
+    for name in ("fastapi", "openai", "httpx", "uvicorn"):
+        pytest.importorskip(name)
+    import edgespec
+    from edgespec.server import Server, ServerConfig, create_app
+
+    rt = edgespec.load(QWEN, n_ctx=N_CTX, n_threads=2, draft="ngram", exact=True, adapt=False)
+    srv = Server(ServerConfig(model_name=QWEN, api_key=KEY, max_queue=16))
+    srv.attach(rt)
+    server, thread, url = serve_in_thread(create_app(srv))
+
+    def stop():
+        server.should_exit = True
+        thread.join(30)
+        srv.close()
+
+    _CLOSE_SERVED.append(stop)
+    yield Served(rt, srv, url)
+    if _CLOSE_SERVED:
+        _CLOSE_SERVED.pop()()
+
+
+@pytest.fixture
+def served(_served):
+    """The shared server, idle, with empty caches; after the test it is idle again with its settings unchanged."""
+    engine, cfg = _served.srv.engine, _served.srv.cfg
+    settings = (engine.max_queue, cfg.request_timeout)
+    _served.fresh()
+    yield _served
+    deadline = time.time() + 30
+    while (engine.current is not None or engine.waiting) and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.current is None and engine.waiting == 0, "a test left the shared server busy"
+    assert (engine.max_queue, cfg.request_timeout) == settings, "a test left the shared server's settings changed"
+    _served.fresh()

@@ -20,8 +20,8 @@ CRAFTED = [
 
 
 @pytest.fixture(scope="module")
-def vocabs(smol, qwen):
-    return vocab_bytes(smol), vocab_bytes(qwen)
+def vocabs(smol_backend, qwen_backend):
+    return vocab_bytes(smol_backend), vocab_bytes(qwen_backend)
 
 
 @pytest.mark.parametrize("text", CRAFTED)

@@ -79,13 +79,13 @@ def log_softmax(x):
 
 @pytest.fixture(scope="module", params=[SMALL, QWEN])
 def pair(request, smol_path, qwen_path):
-    """(llama.cpp backend, MLX backend) on the same GGUF."""
+    """(llama.cpp backend, MLX backend) on the same GGUF: the session's llama.cpp backend (each test empties its
+    cache before use) and an MLX backend loaded for the module."""
     path = smol_path if request.param == SMALL else qwen_path
-    ref = make_backend(path, n_ctx=1024)
+    ref = request.getfixturevalue("smol_backend" if request.param == SMALL else "qwen_backend")
     mb = MlxBackend(path, n_ctx=1024, bits=MODE, progress=False)
     yield request.param, ref, mb
     mb.close()
-    ref.close()
 
 
 @pytest.fixture(scope="module")
@@ -397,17 +397,15 @@ def _short_parity(ref, mb, n=32):
     return (same | near_tie).mean(), dlp.mean()
 
 
-def test_requantized_8bit_mode(smol_path):
-    ref = make_backend(smol_path, n_ctx=256)
+def test_requantized_8bit_mode(smol_path, smol):
     mb = MlxBackend(smol_path, n_ctx=256, bits=8, progress=False)
     try:
         assert mb.mlx_path.name.endswith("-q8")
         assert mb.config["quantization"] == {"group_size": 64, "bits": 8}
-        agree, dlp = _short_parity(ref, mb)
+        agree, dlp = _short_parity(smol, mb)
         assert agree >= 0.9 and dlp < 0.15
     finally:
         mb.close()
-        ref.close()
 
 
 def test_gemma3_sentencepiece_model():

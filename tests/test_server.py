@@ -1,7 +1,8 @@
 """The OpenAI-compatible server: a real uvicorn server on a loopback port, driven by the real ``openai`` client
-(and httpx for raw bodies), serving qwen2.5-coder-0.5b. Greedy answers are compared with the in-process
-``Runtime`` on the same model; ``exact=True`` keeps verify batches bit-identical to plain decoding, and each
-comparison starts both sides from the same cache state (``fresh``)."""
+(and httpx for raw bodies), serving qwen2.5-coder-0.5b (conftest's ``served``: started once for this module and
+test_server_hardening.py, idle with empty caches at the start of each test). Greedy answers are compared with the
+in-process ``Runtime`` on the same model; ``exact=True`` keeps verify batches bit-identical to plain decoding, and
+each comparison starts both sides from the same cache state (``fresh``)."""
 
 from __future__ import annotations
 
@@ -19,57 +20,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import edgespec  # noqa: E402
 from edgespec.server import Server, ServerConfig, create_app  # noqa: E402
-from tests.conftest import QWEN  # noqa: E402
-
-KEY = "test-key"
-N_CTX = 2048
-
-
-class Served:
-    def __init__(self, rt, srv: Server, url: str):
-        self.rt, self.srv, self.url = rt, srv, url
-        self.client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
-        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
-
-    def metric(self, name: str) -> float:
-        text = self.http.get("/metrics").text
-        for line in text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        raise KeyError(name)
-
-    def fresh(self) -> None:
-        """Empty live cache and prompt cache (the server is idle)."""
-        self.rt.backend.truncate(0)
-        if self.srv.cache is not None:
-            self.srv.cache.clear()
-
-
-def serve_in_thread(app):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.02)
-    return server, thread, f"http://127.0.0.1:{port}"
-
-
-@pytest.fixture(scope="module")
-def served(qwen_path):
-    rt = edgespec.load(QWEN, n_ctx=N_CTX, n_threads=2, draft="ngram", exact=True, adapt=False)
-    srv = Server(ServerConfig(model_name=QWEN, api_key=KEY, max_queue=16))
-    srv.attach(rt)
-    server, thread, url = serve_in_thread(create_app(srv))
-    s = Served(rt, srv, url)
-    yield s
-    server.should_exit = True
-    thread.join(30)
-    srv.close()
+from tests.conftest import KEY, N_CTX, QWEN, Served  # noqa: E402
 
 
 def ask(text: str, system: str | None = None) -> list[dict]:
@@ -194,12 +145,20 @@ def test_disconnect_mid_stream_stops_generation(served):
 
 
 def test_disconnect_while_waiting_for_a_whole_answer(served):
+    generated, finished = _generated(served), served.metric("edgespec_completion_tokens_total")
+    cancelled, before = served.metric("edgespec_requests_cancelled_total"), served.rt.last_stats
     body = {"messages": ask("Write a long story about a cat."), "max_tokens": 500, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(served.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
                    timeout=httpx.Timeout(60, read=2.0))
     _stops_growing(served)
-    assert served.metric("edgespec_generated_tokens_total") > 0
+    stats = served.rt.last_stats  # the request's own statistics: the only request since
+    assert stats is not before and stats.finish_reason == "cancelled" and stats.generated_tokens < 500
+    # the live counter grew by exactly the tokens that request generated before it was stopped, as did the
+    # count of finished requests' tokens, and it was counted as cancelled
+    assert _generated(served) == generated + stats.generated_tokens
+    assert served.metric("edgespec_completion_tokens_total") == finished + stats.generated_tokens
+    assert served.metric("edgespec_requests_cancelled_total") == cancelled + 1
 
 
 def test_full_queue_gets_429_with_retry_after(served):
@@ -488,18 +447,45 @@ def test_edgespec_serve_command_answers_and_stops_cleanly_on_sigterm(smol_path, 
 
 
 def test_prompt_cache_is_capped_by_the_memory_budget(smol_path):
+    """Under a budget the prompt cache's cap is what the plan leaves free (not the 1 GB asked for), and every save
+    is checked against the live headroom: a state that fitted is refused once the process holds more memory, and
+    fits again once that memory is freed."""
+    from edgespec.memory.live import rss_bytes
     from edgespec.memory.planner import SAFETY
     from edgespec.server import prometheus
     from tests.conftest import SMALL
 
-    rt = edgespec.load(SMALL, n_ctx=1024, n_threads=2, draft="none", memory_budget="400MB", adapt=False)
+    # a load counts what the process already holds (here the served model, among others): 400 MiB beyond that
+    budget = int((rss_bytes() + (400 << 20)) / (1 - SAFETY))
+    rt = edgespec.load(SMALL, n_ctx=1024, n_threads=2, draft="none", memory_budget=budget, adapt=False)
     srv = Server(ServerConfig(cache_bytes=1 << 30))
     try:
         srv.attach(rt)
-        slack = rt.plan.budget * (1 - SAFETY) - rt.plan.footprint.total
-        assert 0 < srv.cache.cfg.max_bytes <= slack  # what the plan leaves free, not the 1 GB asked for
-        assert srv.cache.headroom() <= rt.plan.budget  # and each save is checked against the live headroom
+        cache = srv.cache
+        assert rt.plan.budget == budget
+        cap = int(budget * (1 - SAFETY) - rt.plan.footprint.total)
+        assert 0 < cap < 1 << 30 and cache.cfg.max_bytes == cap
         text = prometheus(srv)
-        assert "edgespec_memory_budget_bytes 419430400" in text and "edgespec_prompt_cache_max_bytes" in text
+        assert f"edgespec_memory_budget_bytes {budget}\n" in text and f"edgespec_prompt_cache_max_bytes {cap}\n" in text
+        # the headroom is the budget (less the live guard's reserve) minus what the process holds now
+        limit = budget * (1 - rt.controller.memory.reserve)
+        low, room, high = limit - rss_bytes(), cache.headroom(), limit - rss_bytes()
+        assert min(low, high) - (1 << 20) <= room <= max(low, high) + (1 << 20), (low, room, high)
+
+        short = rt.tokens_of("def add(a, b):\n    return a + b\n" * 4)  # over min_tokens, ~1 MiB of KV
+        long = rt.tokens_of("Numbers: " + ", ".join(str(i) for i in range(400)))[:800]  # ~18 MiB of KV
+        per_token = rt.backend.memory().kv_bytes_per_token
+        rt.generate(short, max_tokens=2)
+        rt.generate(long, max_tokens=2)  # the switch saves the short conversation's state: room enough
+        assert (cache.stats.saves, cache.stats.skipped, len(cache)) == (1, 0, 1)
+        need = per_token * len(rt.backend.cached) - cache.nbytes  # what saving the long state adds
+        held = bytearray(max(0, cache.headroom() - need // 2))  # touched: resident; less room left than needed
+        assert cache.headroom() < need
+        rt.generate(short, max_tokens=2)  # back to the short one: restored, the long state does not fit now
+        assert (cache.stats.hits, cache.stats.saves, cache.stats.skipped, len(cache)) == (1, 1, 1, 1)
+        del held  # freed: the same state fits again
+        rt.generate(long, max_tokens=2)
+        rt.generate(short, max_tokens=2)
+        assert (cache.stats.saves, cache.stats.skipped, len(cache)) == (2, 1, 2)
     finally:
         srv.close()

@@ -1,10 +1,10 @@
-# ruff: noqa: F811  (the served fixture is imported from test_server and requested by name)
-"""Server hardening, on a real uvicorn server on a loopback port with qwen2.5-coder-0.5b (the
-``served`` fixture of test_server.py): limits checked before work is done, the guard (Host, key, Content-Type,
+"""Server hardening, on a real uvicorn server on a loopback port with qwen2.5-coder-0.5b (conftest's ``served``,
+shared with test_server.py): limits checked before work is done, the guard (Host, key, Content-Type,
 body size), errors that never look like complete answers and never carry raw exception text."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -19,14 +19,45 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from edgespec import server_prepare  # noqa: E402
 from edgespec.server import Server, ServerConfig, create_app  # noqa: E402
-from tests.conftest import QWEN  # noqa: E402
-from tests.test_server import KEY, N_CTX, ask, serve_process, served  # noqa: E402, F401
+from tests.conftest import KEY, N_CTX, QWEN  # noqa: E402
+from tests.test_server import ask, serve_process  # noqa: E402
 
 CHAT = "/v1/chat/completions"
+COUNT = {"messages": ask("Count to three."), "max_tokens": 4, "temperature": 0, "stream": True}
 
 
 def post(served, body, **kw):
     return served.http.post(CHAT, json=body, **kw)
+
+
+@contextlib.contextmanager
+def one_request_waits_for_the_held_model(served, max_queue: int | None = None):
+    """This thread holds the model (a stream paused at its first chunk) while a streamed ``COUNT`` request has left
+    the queue and waits for it: yields the client that sent it, the rest of its SSE lines and the hold (closing it
+    lets that request run). The queue's limit is ``max_queue`` meanwhile; afterwards the hold is closed and the
+    limit restored."""
+    engine = served.srv.engine
+    old = engine.max_queue
+    if max_queue is not None:
+        engine.max_queue = max_queue
+    hold = served.rt.stream("Hello", max_tokens=4)
+    try:
+        next(hold)  # the model is ours until hold is closed
+        with httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+            with c.stream("POST", CHAT, json=COUNT) as running:
+                lines = running.iter_lines()
+                next(lines)  # it has left the queue and waits for the model
+                yield c, lines, hold
+    finally:
+        hold.close()
+        engine.max_queue = old
+
+
+def until(cond, limit: float = 10.0) -> None:
+    """Wait up to ``limit`` seconds for ``cond()`` (the caller then asserts what it waited for)."""
+    deadline = time.time() + limit
+    while not cond() and time.time() < deadline:
+        time.sleep(0.02)
 
 
 def sse_events(text: str) -> list[tuple[str | None, str]]:
@@ -79,67 +110,37 @@ def test_prompt_and_prediction_refused_before_they_are_tokenized(served, monkeyp
 
 def test_queue_is_checked_before_the_prompt_is_tokenized(served, monkeypatch):
     """With the model held and the queue full, a new request gets its 429 without being tokenized."""
-    engine = served.srv.engine
-    old, engine.max_queue = engine.max_queue, 0
-    hold = served.rt.stream("Hello", max_tokens=4)
     encoded = []
     real = served.rt.encode_chat
-    try:
-        next(hold)  # the model is ours: the engine's request waits for it
-        with httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
-            body = {"messages": ask("Count to three."), "max_tokens": 4, "temperature": 0, "stream": True}
-            with c.stream("POST", CHAT, json=body) as running:
-                lines = running.iter_lines()
-                next(lines)
-                monkeypatch.setattr(served.rt, "encode_chat", lambda *a, **kw: encoded.append(1) or real(*a, **kw))
-                r = c.post(CHAT, json={**body, "stream": False})
-                assert r.status_code == 429 and encoded == []
-                hold.close()
-                assert "data: [DONE]" in list(lines)
-    finally:
+    with one_request_waits_for_the_held_model(served, max_queue=0) as (c, lines, hold):
+        monkeypatch.setattr(served.rt, "encode_chat", lambda *a, **kw: encoded.append(1) or real(*a, **kw))
+        r = c.post(CHAT, json={**COUNT, "stream": False})
+        assert r.status_code == 429 and encoded == []
         hold.close()
-        engine.max_queue = old
+        assert "data: [DONE]" in list(lines)
 
 
 def test_a_client_that_leaves_the_queue_frees_its_place(served):
     engine = served.srv.engine
-    old, engine.max_queue = engine.max_queue, 1
-    hold = served.rt.stream("Hello", max_tokens=4)
-    body = {"messages": ask("Count to three."), "max_tokens": 4, "temperature": 0, "stream": True}
-    try:
-        next(hold)
-        with httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
-            with c.stream("POST", CHAT, json=body) as running:
-                lines = running.iter_lines()
-                next(lines)  # running (waiting for the model)
-                with httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as d:
-                    with d.stream("POST", CHAT, json=body) as waiting:
-                        assert waiting.status_code == 200
-                        deadline = time.time() + 10
-                        while engine.waiting < 1 and time.time() < deadline:
-                            time.sleep(0.02)
-                        assert engine.waiting == 1
-                # its client hung up: the place is given back
-                deadline = time.time() + 10
-                while engine.waiting and time.time() < deadline:
-                    time.sleep(0.02)
-                assert engine.waiting == 0
-                # the same for a client waiting for a whole answer (it gives up: the model is held, no answer comes)
-                with pytest.raises(httpx.ReadTimeout):
-                    httpx.post(served.url + CHAT, json={**body, "stream": False}, timeout=httpx.Timeout(60, read=1.0),
-                               headers={"Authorization": f"Bearer {KEY}"})
-                deadline = time.time() + 10
-                while engine.waiting and time.time() < deadline:
-                    time.sleep(0.02)
-                assert engine.waiting == 0
-                with c.stream("POST", CHAT, json=body) as third:
-                    assert third.status_code == 200  # not 429
-                    hold.close()
-                    assert "data: [DONE]" in third.read().decode()
-                assert "data: [DONE]" in list(lines)
-    finally:
-        hold.close()
-        engine.max_queue = old
+    with one_request_waits_for_the_held_model(served, max_queue=1) as (c, lines, hold):
+        with httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as d:
+            with d.stream("POST", CHAT, json=COUNT) as waiting:
+                assert waiting.status_code == 200
+                until(lambda: engine.waiting >= 1)
+                assert engine.waiting == 1
+        until(lambda: engine.waiting == 0)
+        assert engine.waiting == 0  # its client hung up: the place is given back
+        # the same for a client waiting for a whole answer (it gives up: the model is held, no answer comes)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(served.url + CHAT, json={**COUNT, "stream": False}, timeout=httpx.Timeout(60, read=1.0),
+                       headers={"Authorization": f"Bearer {KEY}"})
+        until(lambda: engine.waiting == 0)
+        assert engine.waiting == 0
+        with c.stream("POST", CHAT, json=COUNT) as third:
+            assert third.status_code == 200  # not 429
+            hold.close()
+            assert "data: [DONE]" in third.read().decode()
+        assert "data: [DONE]" in list(lines)
 
 
 def test_chat_answer_length_defaults_to_2048_not_the_context(smol_path):
@@ -271,28 +272,19 @@ def test_request_timeout_cuts_a_request_that_waits_in_the_queue(served):
     """The model is held, so a queued request never reaches the worker: its timeout still ends it, with a 503,
     and its place in the queue is given back."""
     engine = served.srv.engine
-    hold = served.rt.stream("Hello", max_tokens=4)
-    body = {"messages": ask("Count to three."), "max_tokens": 4, "temperature": 0, "stream": True}
-    try:
-        next(hold)
-        with httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
-            with c.stream("POST", CHAT, json=body) as running:
-                lines = running.iter_lines()
-                next(lines)  # running (waiting for the model), without a timeout
-                served.srv.cfg.request_timeout = 0.0
-                try:
-                    r = c.post(CHAT, json={**body, "stream": False})
-                    assert r.status_code == 503 and r.json()["error"]["code"] == "request_timeout"
-                    with c.stream("POST", CHAT, json=body) as cut:
-                        text = cut.read().decode()
-                    assert sse_events(text)[-1][0] == "error" and "[DONE]" not in text
-                finally:
-                    served.srv.cfg.request_timeout = None
-                assert engine.waiting == 0 and engine._admitted == 1
-                hold.close()
-                assert "data: [DONE]" in list(lines)
-    finally:
+    with one_request_waits_for_the_held_model(served) as (c, lines, hold):  # that one without a timeout
+        served.srv.cfg.request_timeout = 0.0
+        try:
+            r = c.post(CHAT, json={**COUNT, "stream": False})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "request_timeout"
+            with c.stream("POST", CHAT, json=COUNT) as cut:
+                text = cut.read().decode()
+            assert sse_events(text)[-1][0] == "error" and "[DONE]" not in text
+        finally:
+            served.srv.cfg.request_timeout = None
+        assert engine.waiting == 0 and engine._admitted == 1
         hold.close()
+        assert "data: [DONE]" in list(lines)
 
 
 def test_shutdown_cuts_requests_with_an_error_event_and_503(smol_path, tmp_path):

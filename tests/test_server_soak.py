@@ -21,8 +21,8 @@ pytest.importorskip("uvicorn")
 
 import edgespec  # noqa: E402
 from edgespec.server import Server, ServerConfig, create_app  # noqa: E402
-from tests.conftest import SMALL  # noqa: E402
-from tests.test_server import ask, serve_in_thread  # noqa: E402
+from tests.conftest import SMALL, serve_in_thread  # noqa: E402
+from tests.test_server import ask  # noqa: E402
 
 KEY = "soak-key"
 CLIENTS = 4
