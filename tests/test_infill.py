@@ -197,7 +197,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from edgespec.server import Server, ServerConfig, create_app  # noqa: E402
-from tests.test_server import KEY, serve_in_thread  # noqa: E402
+from tests.conftest import KEY, serve_in_thread  # noqa: E402
 
 
 def start(rt, name: str):

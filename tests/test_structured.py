@@ -244,7 +244,7 @@ def served(smol_path):
     pytest.importorskip("fastapi")
     pytest.importorskip("openai")
     from edgespec.server import Server, ServerConfig, create_app
-    from tests.test_server import KEY, Served, serve_in_thread
+    from tests.conftest import KEY, Served, serve_in_thread
 
     r = edgespec.load(SMALL, n_ctx=1024, n_threads=2, draft="ngram", exact=True, adapt=False)
     srv = Server(ServerConfig(model_name=SMALL, api_key=KEY, max_queue=4))
