@@ -19,7 +19,7 @@ from pathlib import Path
 from edgespec import drafters, registry
 from edgespec.backends.base import Backend
 from edgespec.memory.footprint import RUNTIME_OVERHEAD, node_bytes, read_shape
-from edgespec.memory.live import MemoryGuard, rss_bytes
+from edgespec.memory.live import MemoryGuard
 from edgespec.memory.planner import SAFETY, parse_size, plan
 from edgespec.options import LoadOptions
 from edgespec.runtime import Runtime
@@ -93,8 +93,9 @@ def load(model: str = registry.DEFAULT_MODEL, options: LoadOptions | None = None
     return open_runtime(check(str(model), options or LoadOptions(**kwargs)))
 
 
-def open_runtime(checked: Checked) -> Runtime:
-    """The runtime of a checked load: the memory plan applied, the backend and the drafter opened."""
+def open_runtime(checked: Checked, overhead: int = RUNTIME_OVERHEAD) -> Runtime:
+    """The runtime of a checked load: the memory plan applied, the backend and the drafter opened.
+    ``overhead``: what the process holds besides the model (the server adds its libraries' bytes)."""
     model, opts, spec = checked.model, checked.options, checked.spec
     notices: list[str] = []
     adapt = adapting(opts, spec)
@@ -103,7 +104,7 @@ def open_runtime(checked: Checked) -> Runtime:
     path = registry.resolve(model)
     budget = None
     if opts.memory_budget is not None:  # adaptation is counted when it is on from the start (adapt=True)
-        opts, spec, budget = apply_plan(opts, path, spec, adapt and opts.adapt is True)
+        opts, spec, budget = apply_plan(opts, path, spec, adapt and opts.adapt is True, overhead)
     backend = open_backend(path, opts)
     try:
         # the draft model gets the planned context, KV type and batch: what its declared footprint assumed
@@ -137,13 +138,14 @@ def plan_for(path: Path, budget: int, n_ctx: int, min_ctx: int, spec: drafters.D
                 overhead=overhead)
 
 
-def apply_plan(opts: LoadOptions, path: Path, spec: drafters.DraftSpec, adapt: bool):
+def apply_plan(opts: LoadOptions, path: Path, spec: drafters.DraftSpec, adapt: bool,
+               overhead: int = RUNTIME_OVERHEAD):
     """Options rewritten by the memory planner for ``opts.memory_budget`` (raises ``BudgetError``): the
     drafter's declared parts (a draft model's weights, KV cache and buffers, a head and its adaptation) are
-    counted, and so is what this process already holds (its libraries: a server's, an app's). The context is
-    halved down to 512 tokens at most (or the asked-for context, when smaller)."""
+    counted, and ``overhead`` (the runtime's libraries; a server's too). The context is halved down to 512
+    tokens at most (or the asked-for context, when smaller)."""
     p = plan_for(path, parse_size(opts.memory_budget), opts.n_ctx, min(512, opts.n_ctx), spec, adapt, opts.backend,
-                 overhead=max(RUNTIME_OVERHEAD, rss_bytes()))
+                 overhead=overhead)
     if p.draft is None:
         spec = drafters.DraftSpec("none")
     opts = dataclasses.replace(opts, n_ctx=p.n_ctx, kv_type=p.kv_type, n_batch=p.n_batch)

@@ -59,6 +59,7 @@ def main(a) -> int:
     503, print the URL when both are ready, serve until Ctrl-C/SIGTERM, then close the runtime."""
     from edgespec.build import open_runtime
     from edgespec.commands.common import load_options
+    from edgespec.memory.footprint import RUNTIME_OVERHEAD, SERVER_OVERHEAD
     from edgespec.memory.planner import parse_size
 
     checked = load_options(a)
@@ -88,7 +89,7 @@ def main(a) -> int:
 
     def load_model() -> None:
         try:
-            rt = open_runtime(checked)
+            rt = open_runtime(checked, RUNTIME_OVERHEAD + SERVER_OVERHEAD)  # the server's libraries too
         except Exception as e:
             srv.load_error = str(e)
             print(f"error: {e}", file=sys.stderr, flush=True)
