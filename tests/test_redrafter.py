@@ -27,9 +27,9 @@ def tiny_data(qwen_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("distill")
     be = col.open_backend(qwen_path, DATA, threads=1)
     try:
-        shards = col.collect(be, out, DATA, 300, progress=False)
+        shards = col.collect(be, out, DATA, 900, progress=False)
         assert len(shards) >= 2 and all(p.exists() for p in shards)
-        assert col.collect(be, out, DATA, 300, progress=False) == shards  # resumes: nothing left to do
+        assert col.collect(be, out, DATA, 900, progress=False) == shards  # resumes: nothing left to do
     finally:
         be.close()
     return shards

@@ -116,10 +116,10 @@ class Planner:
             it = self.material.text(kind)
             if it is None:
                 return None
-            self.n_text += 1
             toks = self.backend.tokenize(it.text, add_special=True, parse_special=False)[:self.cfg.tf_len]
-            if len(toks) >= self.cfg.min_tf:
+            if len(toks) >= self.cfg.min_tf:  # a window too short is skipped without changing whose turn it is
                 items.append({"kind": it.kind, "origin": it.origin, "text": it.text, "tokens": toks})
+                self.n_text += 1
                 n += 1
         return items
 
