@@ -19,7 +19,6 @@ from pathlib import Path
 from edgespec import paths, registry
 from edgespec.backends.base import Backend
 from edgespec.models.drafting.drafter import Drafter
-from edgespec.options import MAX_WIDTH  # noqa: F401  (re-read by callers as drafters.MAX_WIDTH)
 
 SPEC_HELP = "auto, suffix, ngram, redrafter[:<weights.npz>], model:<id or path>, xvocab:<id or path> or none"
 NGRAM_BYTES = 8 << 20  # the n-gram index of a 4k-token context, generously
