@@ -13,7 +13,9 @@
 * The CLI's default path where torch is not installed.
 
 The runtimes verify with ``exact=True`` (at most 3 rows per verify on the CPU, bit-identical to plain
-decoding), so every comparison below is exact, not up to near-ties.
+decoding), so every comparison below is exact, not up to near-ties. The contract does not depend on the model:
+the runtimes run smollm2-135m, the smallest, except the ReDrafter's, which needs the head shipped for
+qwen2.5-coder-0.5b.
 """
 
 from __future__ import annotations
@@ -54,15 +56,20 @@ def _load(model, draft=None, **kw):
     return edgespec.load(model, draft=draft, adapt=False, exact=True, **kw)
 
 
+def model_for(draft):
+    return QWEN if draft == "redrafter" else SMOL  # the shipped ReDrafter head is qwen2.5-coder-0.5b's
+
+
 @pytest.fixture(scope="module")
-def runtimes(qwen_path):
-    """qwen2.5-coder-0.5b runtimes by drafter, each loaded once for the module."""
+def runtimes(smol_path, qwen_path):
+    """Runtimes by drafter (on ``model_for(draft)`` unless ``model`` is given), each loaded once for the module."""
     made = {}
 
-    def get(draft):
-        if draft not in made:
-            made[draft] = _load(QWEN, draft)
-        return made[draft]
+    def get(draft, model=None):
+        key = (model or model_for(draft), draft)
+        if key not in made:
+            made[key] = _load(key[0], draft)
+        return made[key]
 
     yield get
     for rt in made.values():
@@ -260,7 +267,7 @@ def test_same_seed_same_text_whatever_the_depth(runtimes, draft):
     The runtime verifies exactly (``exact=True`` caps a depth-4 draft at 2 nodes, the CPU's bit-exact batch).
     Without it a 5-row verify runs llama.cpp's GEMM kernels, whose rounding moves the logits, and a sampled
     token can change (seen with the ReDrafter at depth 4, seed 0): the promise holds up to that rounding."""
-    plain, rt = runtimes(None), runtimes(draft)
+    plain, rt = runtimes(None, model_for(draft)), runtimes(draft)  # one model: the same seed, the same text
     kw = dict(max_tokens=10, temperature=0.8)
     texts, deep = set(), 0
     try:

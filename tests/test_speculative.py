@@ -97,19 +97,20 @@ def top2_margin(backend, prompt, out, i):
 
 
 @pytest.fixture(scope="module")
-def qwen_draft(qwen_path):
-    b = make_backend(qwen_path)
+def smol_draft(smol_path):
+    b = make_backend(smol_path)
     yield b
     b.close()
 
 
 @pytest.mark.parametrize("depth,width", [(1, 1), (2, 1), (1, 2)])
-def test_greedy_exact_small_trees(qwen, depth, width):
-    """Trees of at most 3 nodes verify with the same kernels as single-token decode: bit-exact output."""
+def test_greedy_exact_small_trees(smol, depth, width):
+    """Trees of at most 3 nodes verify with the same kernels as single-token decode: bit-exact output (a property
+    of the kernels, not of the model: the smallest model checks it)."""
     for text in PROMPTS:
-        prompt = qwen.tokenize(text)
-        plain, _ = plain_run(qwen, prompt, 48)
-        spec, _, st = run(qwen, prompt, OracleDrafter(prompt, plain, spoil_every=3), depth, width, max_tokens=48)
+        prompt = smol.tokenize(text)
+        plain, _ = plain_run(smol, prompt, 48)
+        spec, _, st = run(smol, prompt, OracleDrafter(prompt, plain, spoil_every=3), depth, width, max_tokens=48)
         assert spec == plain
         assert st.accepted > 0 and st.verifies < len(plain)
 
@@ -131,35 +132,35 @@ def test_greedy_deep_trees_equal_up_to_near_ties(qwen, depth, width):
     assert allowed <= 1
 
 
-def test_greedy_ngram_and_draft_model(qwen, qwen_draft):
+def test_greedy_ngram_and_draft_model(smol, smol_draft):
     for text in PROMPTS:
-        prompt = qwen.tokenize(text)
-        plain, plain_text = plain_run(qwen, prompt, 40)
-        ng, ng_text, st = run(qwen, prompt, NgramDrafter(), depth=2, width=1, max_tokens=40)
+        prompt = smol.tokenize(text)
+        plain, plain_text = plain_run(smol, prompt, 40)
+        ng, ng_text, st = run(smol, prompt, NgramDrafter(), depth=2, width=1, max_tokens=40)
         assert ng == plain and ng_text == plain_text
-        dm = DraftModelDrafter(qwen_draft, target_vocab=qwen.info.n_vocab)
-        spec, _, st = run(qwen, prompt, dm, depth=2, max_tokens=40)
+        dm = DraftModelDrafter(smol_draft, target_vocab=smol.info.n_vocab)
+        spec, _, st = run(smol, prompt, dm, depth=2, max_tokens=40)
         assert spec == plain
         assert st.accepted >= 0.8 * st.drafted  # the same model drafting itself is nearly always right
         # the draft cache followed every rollback: it holds a prefix of the target's tokens
-        assert qwen_draft.cached == (prompt + spec)[:len(qwen_draft.cached)]
+        assert smol_draft.cached == (prompt + spec)[:len(smol_draft.cached)]
 
 
-def test_stop_eos_and_max_tokens_match_plain(qwen):
-    prompt = qwen.tokenize(PROMPTS[2])
-    plain, plain_text = plain_run(qwen, prompt, 40)
+def test_stop_eos_and_max_tokens_match_plain(smol):
+    prompt = smol.tokenize(PROMPTS[2])
+    plain, plain_text = plain_run(smol, prompt, 40)
     stop = plain_text[12:15]
     for kw in (dict(max_tokens=5), dict(max_tokens=7), dict(max_tokens=40, stop=(stop,))):
-        p, pt, ps = run(qwen, prompt, **kw)
-        s, st_text, ss = run(qwen, prompt, OracleDrafter(prompt, plain), depth=2, **kw)
+        p, pt, ps = run(smol, prompt, **kw)
+        s, st_text, ss = run(smol, prompt, OracleDrafter(prompt, plain), depth=2, **kw)
         assert (s, st_text, ss.finish_reason) == (p, pt, ps.finish_reason), kw
-        assert len(qwen.cached) <= len(prompt) + len(s)  # nothing past the output stays cached
+        assert len(smol.cached) <= len(prompt) + len(s)  # nothing past the output stays cached
     # EOS inside an accepted draft: a chat turn that ends with the end-of-turn token
-    chat = qwen.tokenize("<|im_start|>user\nSay OK.<|im_end|>\n<|im_start|>assistant\n")
-    plain, _, ps = run(qwen, chat, max_tokens=30)
+    chat = smol.tokenize("<|im_start|>user\nSay OK.<|im_end|>\n<|im_start|>assistant\n")
+    plain, _, ps = run(smol, chat, max_tokens=30)
     assert ps.finish_reason == "eos"
-    eos = next(t for t in qwen.info.eog if t in qwen.tokenize("<|im_end|>"))
-    s, _, ss = run(qwen, chat, OracleDrafter(chat, plain + [eos, 11, 12]), depth=2, max_tokens=30)
+    eos = next(t for t in smol.info.eog if t in smol.tokenize("<|im_end|>"))
+    s, _, ss = run(smol, chat, OracleDrafter(chat, plain + [eos, 11, 12]), depth=2, max_tokens=30)
     assert s == plain and ss.finish_reason == "eos"
 
 
@@ -181,19 +182,19 @@ def test_no_draft_runs_past_max_tokens(smol):
         assert st.drafted <= max(n - 1, 0)  # a perfect drafter at depth 8 drafts exactly what is left
 
 
-def test_rollback_keeps_cache_consistent(qwen, qwen_path):
+def test_rollback_keeps_cache_consistent(smol):
     """After speculation with rejected siblings, the cache is exactly what plain decoding leaves.
 
     Trees of 3 nodes use the single-token kernels, so the comparison is exact.
     """
-    prompt = qwen.tokenize(PROMPTS[0])
-    plain, _, _ = run(qwen, prompt, max_tokens=24)
-    plain_next = qwen.forward([plain[-1]], [-1]).logits[0]
-    spec, _, st = run(qwen, prompt, OracleDrafter(prompt, plain), depth=1, width=2, max_tokens=24)
+    prompt = smol.tokenize(PROMPTS[0])
+    plain, _, _ = run(smol, prompt, max_tokens=24)
+    plain_next = smol.forward([plain[-1]], [-1]).logits[0]
+    spec, _, st = run(smol, prompt, OracleDrafter(prompt, plain), depth=1, width=2, max_tokens=24)
     assert spec == plain and st.drafted > st.accepted > 0  # decoys were rejected and rolled back
-    assert qwen.cached == (prompt + spec)[:len(qwen.cached)] and len(qwen.cached) >= len(prompt) + len(spec) - 1
-    qwen.truncate(len(prompt) + len(spec) - 1)
-    spec_next = qwen.forward([spec[-1]], [-1]).logits[0]
+    assert smol.cached == (prompt + spec)[:len(smol.cached)] and len(smol.cached) >= len(prompt) + len(spec) - 1
+    smol.truncate(len(prompt) + len(spec) - 1)
+    spec_next = smol.forward([spec[-1]], [-1]).logits[0]
     np.testing.assert_allclose(spec_next, plain_next, atol=1e-5)
 
 
