@@ -3,8 +3,9 @@ a few concurrent clients (the real ``openai`` client and httpx) sending a fixed,
 answers, text completions, disconnects mid-stream, oversize, malformed and wrongly typed bodies, capped stop
 strings and forged-turn messages. Every answer must have the status its kind calls for (no 5xx at all, no
 refusal of a valid request), the run ends within its time cap, and afterwards the server is idle and answers a
-normal request, and every greedy answer (chats, predictions, completions) equals the same request run alone
-from an empty cache."""
+normal request, every greedy answer (chats, predictions, completions) equals the same request run alone
+from an empty cache, and the process's RSS (sampled through the run) stayed under the memory budget the runtime
+was loaded with. Run with ``-s`` to see the run's figures (BENCHMARKS.md reports them)."""
 
 from __future__ import annotations
 
@@ -38,10 +39,21 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
     "type": "object", "properties": {"city": {"type": "string"}}}}}]
 
 
+def budget_for_soak() -> int:
+    """The soak's memory budget: what the test process already holds (other modules' models among it) plus 512 MiB
+    for the served model, its KV and prompt cache, the requests and the server (the live guard counts the whole
+    process)."""
+    from edgespec.memory.live import rss_bytes
+    from edgespec.memory.planner import SAFETY
+
+    return int((rss_bytes() + (512 << 20)) / (1 - SAFETY))
+
+
 @pytest.fixture(scope="module")
 def soak_server(smol_path):
     # exact: verify batches of the predicted outputs decode bit-identically to plain steps (answers compared)
-    rt = edgespec.load(SMALL, n_ctx=512, n_threads=2, draft="none", adapt=False, exact=True)
+    rt = edgespec.load(SMALL, n_ctx=512, n_threads=2, draft="none", adapt=False, exact=True,
+                       memory_budget=budget_for_soak())
     srv = Server(ServerConfig(model_name=SMALL, api_key=KEY, max_queue=CLIENTS, default_max_tokens=12,
                               request_timeout=120))
     srv.attach(rt)
@@ -119,12 +131,26 @@ def test_soak(soak_server):
                 except Exception as e:  # noqa: BLE001
                     errors.append(f"{kind}: {type(e).__name__}: {e}")
 
+    from edgespec.memory.live import rss_bytes
+    start = rss_bytes()
+    peak = [start]
+    done = threading.Event()
+
+    def sample_rss() -> None:
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], rss_bytes())
+
+    sampler = threading.Thread(target=sample_rss, daemon=True)
+    sampler.start()
     t0 = time.monotonic()
     threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(CLIENTS)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(max(1.0, TIME_CAP_S - (time.monotonic() - t0)))
+    done.set()
+    sampler.join()
+    wall = time.monotonic() - t0
     assert not any(t.is_alive() for t in threads), f"the soak did not finish within {TIME_CAP_S} s"
     assert not errors, errors
     assert len(results) == CLIENTS * REQUESTS
@@ -132,6 +158,14 @@ def test_soak(soak_server):
     assert not wrong, f"unexpected statuses: {wrong}; all: {Counter(results)}"
     counts = Counter(kind for kind, _ in results)
     assert counts["disconnect"] and counts["oversize"] + counts["malformed"] + counts["form"] + counts["stop"]
+    budget = srv.rt.plan.budget
+    bad = sum(counts[k] for k in ("oversize", "malformed", "form", "stop"))
+    print(f"\nsoak: {len(results)} requests from {CLIENTS} concurrent clients in {wall:.1f} s; "
+          f"{counts['disconnect']} disconnects, {bad} bad requests refused as expected, {counts['forged']} forged "
+          f"turns; statuses {dict(Counter(s for _, s in results))}; 5xx 0, client errors {len(errors)}; peak RSS "
+          f"{peak[0] / 2**20:.0f} MiB under the budget of {budget / 2**20:.0f} MiB (RSS at the start "
+          f"{start / 2**20:.0f} MiB)")
+    assert peak[0] <= budget, (peak[0], budget)
 
     # afterwards: nothing runs or waits, no 5xx was ever counted, and a normal request is answered
     deadline = time.monotonic() + 30

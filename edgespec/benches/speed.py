@@ -375,8 +375,9 @@ def main(args) -> int:
                                                             args.max_tokens) + " (after)"
     bench.close()
     summary = summarize(results)
-    per_prompt = {name: [{"tok_s": r.tok_s, "n": len(r.tokens), **{k: r.stats.get(k) for k in
-                          ("tokens_per_verify", "ttft_s", "finish_reason")}} for r in runs]
+    keys = ("tokens_per_verify", "ttft_s", "finish_reason")
+    per_prompt = {name: [{"tok_s": r.tok_s, "n": len(r.tokens), **{k: r.stats.get(k) for k in keys},
+                          "tokens": [int(t) for t in r.tokens]} for r in runs]  # the output, for replays
                   for name, runs in results.items()}
     if follow:
         meta["after_a_reply"] = summarize(after)
