@@ -66,12 +66,14 @@ class Checked:
     model: str
     options: LoadOptions
     spec: drafters.DraftSpec  # the drafter, parsed
+    overhead: int = RUNTIME_OVERHEAD  # what the process holds besides the model (a server adds its libraries)
 
 
-def check(model: str, options: LoadOptions) -> Checked:
-    """Everything that can be checked before a model loads: the model reference and the drafter spec."""
+def check(model: str, options: LoadOptions, overhead: int = RUNTIME_OVERHEAD) -> Checked:
+    """Everything that can be checked before a model loads: the model reference and the drafter spec.
+    ``overhead``: what the process holds besides the model, counted under a memory budget."""
     registry.check_ref(model)
-    return Checked(str(model), options, drafters.parse(options.draft, str(model)))
+    return Checked(str(model), options, drafters.parse(options.draft, str(model)), overhead)
 
 
 def adapting(opts: LoadOptions, spec: drafters.DraftSpec) -> bool:
@@ -93,9 +95,8 @@ def load(model: str = registry.DEFAULT_MODEL, options: LoadOptions | None = None
     return open_runtime(check(str(model), options or LoadOptions(**kwargs)))
 
 
-def open_runtime(checked: Checked, overhead: int = RUNTIME_OVERHEAD) -> Runtime:
-    """The runtime of a checked load: the memory plan applied, the backend and the drafter opened.
-    ``overhead``: what the process holds besides the model (the server adds its libraries' bytes)."""
+def open_runtime(checked: Checked) -> Runtime:
+    """The runtime of a checked load: the memory plan applied, the backend and the drafter opened."""
     model, opts, spec = checked.model, checked.options, checked.spec
     notices: list[str] = []
     adapt = adapting(opts, spec)
@@ -104,7 +105,7 @@ def open_runtime(checked: Checked, overhead: int = RUNTIME_OVERHEAD) -> Runtime:
     path = registry.resolve(model)
     budget = None
     if opts.memory_budget is not None:  # adaptation is counted when it is on from the start (adapt=True)
-        opts, spec, budget = apply_plan(opts, path, spec, adapt and opts.adapt is True, overhead)
+        opts, spec, budget = apply_plan(opts, path, spec, adapt and opts.adapt is True, checked.overhead)
     backend = open_backend(path, opts)
     try:
         # the draft model gets the planned context, KV type and batch: what its declared footprint assumed

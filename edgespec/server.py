@@ -20,6 +20,7 @@ re-exports the pieces that callers use.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -62,7 +63,7 @@ def main(a) -> int:
     from edgespec.memory.footprint import RUNTIME_OVERHEAD, SERVER_OVERHEAD
     from edgespec.memory.planner import parse_size
 
-    checked = load_options(a)
+    checked = dataclasses.replace(load_options(a), overhead=RUNTIME_OVERHEAD + SERVER_OVERHEAD)  # its libraries
     if a.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, not {a.max_queue}")
     if not 0 <= a.stream_interval <= 10_000:
@@ -89,7 +90,7 @@ def main(a) -> int:
 
     def load_model() -> None:
         try:
-            rt = open_runtime(checked, RUNTIME_OVERHEAD + SERVER_OVERHEAD)  # the server's libraries too
+            rt = open_runtime(checked)
         except Exception as e:
             srv.load_error = str(e)
             print(f"error: {e}", file=sys.stderr, flush=True)
