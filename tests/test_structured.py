@@ -386,3 +386,21 @@ def test_bench_set_compiles_and_summarizes():
     s = summarize(answers)
     assert s["default"]["median_speedup_vs_plain"] == 1.5 and s["default"]["greedy_equal_to_plain"] == 1.0
     assert s["default"]["median_speedup_vs_llama_python"] == 1.25 and s["llama-python"]["valid"] == 0.0
+
+
+def test_server_bench_sends_tool_tasks_as_strict_tools():
+    """The server bench asks the tool-call tasks through ``tools`` (strict, the name the task's schema pins, its
+    arguments' schema) and every other task through ``response_format``."""
+    from edgespec.benches.structured import validator
+    from edgespec.benches.structured_server import tool_of
+    from edgespec.benches.structured_tasks import TASKS
+
+    tools = {t.name: tool_of(t) for t in TASKS}
+    assert {n for n, tool in tools.items() if tool} == {t.name for t in TASKS if t.name.startswith("tool-")}
+    weather = next(t for t in TASKS if t.name == "tool-weather")
+    fn = tools["tool-weather"]["function"]
+    assert fn["name"] == "get_weather" and fn["strict"] is True
+    assert fn["parameters"] == weather.schema["properties"]["arguments"]
+    call = {"name": "get_weather", "arguments": {"city": "Valencia", "day": "tomorrow", "unit": "celsius"}}
+    assert validator(weather)(json.dumps(call))
+    assert not validator(weather)(json.dumps(dict(call, name="get_time")))
