@@ -104,3 +104,13 @@ def test_bench_method_suffixes():
     assert (m.drafter, m.exact, m.gate) == ("ngram", True, None)
     with pytest.raises(ValueError, match="redrafter"):
         parse_method("ngram+gate")
+
+
+def test_bench_speedups_leave_out_empty_answers():
+    """A prompt answered with nothing (EOS at once) has no speed: it is left out of the ratios, not a NaN."""
+    from edgespec.benches.speed import Run, summarize
+
+    plain = [Run([1] * 10, 10.0), Run([], 0.0), Run([1] * 10, 20.0)]
+    auto = [Run([1] * 10, 15.0), Run([], 0.0), Run([1] * 10, 20.0)]
+    s = summarize({"plain": plain, "auto": auto})["auto"]
+    assert s["compared"] == 2 and s["speedup_median"] == 1.25 and s["speedup_min"] == 1.0

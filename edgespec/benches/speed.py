@@ -231,14 +231,16 @@ def top2_margin(backend, tokens: list[int]) -> float:
 
 def summarize(results: dict[str, list[Run]], base: str = "plain") -> dict[str, dict]:
     out = {}
+    base_tps = np.array([r.tok_s for r in results[base]])
     for name, runs in results.items():
         tps = np.array([r.tok_s for r in runs])
-        ratio = tps / np.array([r.tok_s for r in results[base]])
+        answered = (tps > 0) & (base_tps > 0)  # an empty answer (EOS at once) has no speed to compare
+        ratio = tps[answered] / base_tps[answered] if answered.any() else np.ones(1)
         s = {"tok_s_median": float(np.median(tps)), "tok_s_p25": float(np.percentile(tps, 25)),
              "tok_s_p75": float(np.percentile(tps, 75)), "speedup_median": float(np.median(ratio)),
              "speedup_p25": float(np.percentile(ratio, 25)), "speedup_p75": float(np.percentile(ratio, 75)),
              "speedup_min": float(ratio.min()), "speedup_max": float(ratio.max()),
-             "tokens": int(sum(len(r.tokens) for r in runs))}
+             "tokens": int(sum(len(r.tokens) for r in runs)), "compared": int(answered.sum())}
         verifies = sum(r.stats.get("verifies", 0) for r in runs)
         if any(r.stats.get("drafted") for r in runs):
             accepted = sum(r.stats["accepted"] for r in runs)
