@@ -69,11 +69,10 @@ class Checked:
     overhead: int = RUNTIME_OVERHEAD  # what the process holds besides the model (a server adds its libraries)
 
 
-def check(model: str, options: LoadOptions, overhead: int = RUNTIME_OVERHEAD) -> Checked:
-    """Everything that can be checked before a model loads: the model reference and the drafter spec.
-    ``overhead``: what the process holds besides the model, counted under a memory budget."""
+def check(model: str, options: LoadOptions) -> Checked:
+    """Everything that can be checked before a model loads: the model reference and the drafter spec."""
     registry.check_ref(model)
-    return Checked(str(model), options, drafters.parse(options.draft, str(model)), overhead)
+    return Checked(str(model), options, drafters.parse(options.draft, str(model)))
 
 
 def adapting(opts: LoadOptions, spec: drafters.DraftSpec) -> bool:

@@ -41,6 +41,15 @@ def qwen_path():
     return registry.pull(QWEN)
 
 
+def budget_beyond_rss(extra: int) -> int:
+    """A memory budget whose plan leaves ``extra`` bytes beyond what the test process already holds (the live
+    guard counts the whole process, other modules' models among it)."""
+    from edgespec.memory.live import rss_bytes
+    from edgespec.memory.planner import SAFETY
+
+    return int((rss_bytes() + extra) / (1 - SAFETY))
+
+
 def make_backend(path, **kw):
     from edgespec.backends.llama_cpp import LlamaCppBackend
 

@@ -453,10 +453,9 @@ def test_prompt_cache_is_capped_by_the_memory_budget(smol_path):
     from edgespec.memory.live import rss_bytes
     from edgespec.memory.planner import SAFETY
     from edgespec.server import prometheus
-    from tests.conftest import SMALL
+    from tests.conftest import SMALL, budget_beyond_rss
 
-    # the live guard counts the whole process (here the served model, among others): 400 MiB beyond that
-    budget = int((rss_bytes() + (400 << 20)) / (1 - SAFETY))
+    budget = budget_beyond_rss(400 << 20)  # the served model, among others, is already held
     asked = 64 << 30
     rt = edgespec.load(SMALL, n_ctx=1024, n_threads=2, draft="none", memory_budget=budget, adapt=False)
     srv = Server(ServerConfig(cache_bytes=asked))

@@ -22,7 +22,7 @@ pytest.importorskip("uvicorn")
 
 import edgespec  # noqa: E402
 from edgespec.server import Server, ServerConfig, create_app  # noqa: E402
-from tests.conftest import SMALL, serve_in_thread  # noqa: E402
+from tests.conftest import SMALL, budget_beyond_rss, serve_in_thread  # noqa: E402
 from tests.test_server import ask  # noqa: E402
 
 KEY = "soak-key"
@@ -39,21 +39,11 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
     "type": "object", "properties": {"city": {"type": "string"}}}}}]
 
 
-def budget_for_soak() -> int:
-    """The soak's memory budget: what the test process already holds (other modules' models among it) plus 512 MiB
-    for the served model, its KV and prompt cache, the requests and the server (the live guard counts the whole
-    process)."""
-    from edgespec.memory.live import rss_bytes
-    from edgespec.memory.planner import SAFETY
-
-    return int((rss_bytes() + (512 << 20)) / (1 - SAFETY))
-
-
 @pytest.fixture(scope="module")
 def soak_server(smol_path):
     # exact: verify batches of the predicted outputs decode bit-identically to plain steps (answers compared)
     rt = edgespec.load(SMALL, n_ctx=512, n_threads=2, draft="none", adapt=False, exact=True,
-                       memory_budget=budget_for_soak())
+                       memory_budget=budget_beyond_rss(512 << 20))  # model, caches, requests, server
     srv = Server(ServerConfig(model_name=SMALL, api_key=KEY, max_queue=CLIENTS, default_max_tokens=12,
                               request_timeout=120))
     srv.attach(rt)

@@ -45,18 +45,15 @@ def ask(client, model: str, task: Task, seed: int | None, max_tokens: int) -> tu
         kw["response_format"] = task.response_format
     r = client.chat.completions.create(**kw)
     choice = r.choices[0]
-    if tool is None:
-        return choice.message.content or "", choice.finish_reason, r.usage.completion_tokens
-    calls = choice.message.tool_calls or []
-    if not calls:
-        return "", choice.finish_reason, r.usage.completion_tokens
-    try:
-        args = json.loads(calls[0].function.arguments)
-    except ValueError:
-        return calls[0].function.arguments, choice.finish_reason, r.usage.completion_tokens
-    text = json.dumps({"name": calls[0].function.name, "arguments": args})
+    text = choice.message.content or ""
+    if tool is not None:
+        calls = choice.message.tool_calls or []
+        text = calls[0].function.arguments if calls else ""
+        try:
+            text = json.dumps({"name": calls[0].function.name, "arguments": json.loads(text)}) if calls else ""
+        except ValueError:
+            pass  # not JSON: left as it came, invalid
     return text, choice.finish_reason, r.usage.completion_tokens
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgespec.benches.structured_server",
