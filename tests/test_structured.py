@@ -2,6 +2,7 @@
 schema greedy and sampled, grammar-cut drafts never verified, forced-token batching and drafting under a grammar
 changing no greedy token, and the acceptance rule applied to the masked distribution."""
 
+import dataclasses
 import functools
 import json
 import re
@@ -384,8 +385,35 @@ def test_bench_set_compiles_and_summarizes():
                                                                                True, 4, 0.3),
                Answer("llama-python", "a", None, "y", 10, 12.0, False)]
     s = summarize(answers)
-    assert s["default"]["median_speedup_vs_plain"] == 1.5 and s["default"]["greedy_equal_to_plain"] == 1.0
+    assert s["default"]["median_speedup_vs_plain"] == 1.5
     assert s["default"]["median_speedup_vs_llama_python"] == 1.25 and s["llama-python"]["valid"] == 0.0
+
+
+def test_bench_certifies_greedy_differences_at_the_first_differing_token():
+    """Greedy ``default`` answers are compared with ``plain`` token by token; a difference is a near-tie only where
+    plain decoding's constrained margin at the first differing token (or the shorter end) is below NEAR_TIE."""
+    from edgespec.benches.speed import NEAR_TIE
+    from edgespec.benches.structured import Answer, check_greedy
+    from edgespec.benches.structured_tasks import TASKS
+
+    class Margins:
+        def __init__(self):
+            self.asked = []
+
+        def margin_at(self, task, plain, i):
+            self.asked.append((task.name, i))
+            return {"t1": NEAR_TIE / 2, "t2": NEAR_TIE * 2}.get(task.name, 0.0)
+
+    tasks = [dataclasses.replace(TASKS[0], name=n) for n in ("t0", "t1", "t2", "t3")]
+    ids = {"t0": ([1, 2, 3], [1, 2, 3]), "t1": ([1, 2, 3], [1, 5, 3]), "t2": ([1, 2], [1, 2, 3]), "t3": ([], [])}
+    answers = [Answer(m, n, seed, "", 0, 1.0, True, ids=ids[n][k]) for n in ids for k, m in enumerate(("default",
+                                                                                                       "plain"))
+               for seed in (None, 1)]
+    runner = Margins()
+    out = check_greedy(runner, tasks, answers)
+    assert runner.asked == [("t1", 1), ("t2", 2)]
+    assert out["identical"] == 2 and out["compared"] == 4
+    assert [t["task"] for t in out["near_ties"]] == ["t1"] and [t["task"] for t in out["mismatches"]] == ["t2"]
 
 
 def test_server_bench_sends_tool_tasks_as_strict_tools():

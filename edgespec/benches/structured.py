@@ -8,8 +8,11 @@ Methods, each task run by all of them in a rotated order so that machine noise h
   its ``from_json_schema``, JSON mode through its ``JSON_GBNF``; regexes have no GBNF there and are skipped).
 
 Every answer is checked against its schema (``jsonschema_rs``, else ``jsonschema``) or regex; greedy ``default``
-answers are compared with ``plain``. Reported: validity, tok/s (decode, after the first token), tokens forced per
-answer and the grammar engine's time per token (mask overhead).
+answers are compared with ``plain`` token by token, and a difference is certified as a near-tie only where plain
+decoding's top-two gap among the tokens the grammar allows, at the first token that differs, is below the speed
+bench's ``NEAR_TIE`` (``--exact`` loads the runtime in exact mode, where no difference may remain). Reported:
+validity, tok/s (decode, after the first token), tokens forced per answer and the grammar engine's time per token
+(mask overhead).
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from edgespec import machine
-from edgespec.benches.speed import llama_generate
+from edgespec.benches.speed import NEAR_TIE, llama_generate
 from edgespec.benches.structured_tasks import TASKS, Task
 from edgespec.generate import Stats, plain_steps, stream
 from edgespec.options import Request
@@ -44,6 +49,7 @@ class Answer:
     forced: int = 0
     grammar_ms_per_token: float = 0.0
     extra: dict = field(default_factory=dict)
+    ids: list[int] = field(default_factory=list)  # the tokens, for the greedy comparison
 
 
 def validator(task: Task):
@@ -71,10 +77,12 @@ def validator(task: Task):
 
 
 class Runner:
-    def __init__(self, model: str, n_ctx: int, n_threads: int, draft: str, max_tokens: int, methods: list[str]):
+    def __init__(self, model: str, n_ctx: int, n_threads: int, draft: str, max_tokens: int, methods: list[str],
+                 exact: bool = False):
         import edgespec
 
-        self.rt = edgespec.load(model, n_ctx=n_ctx, n_threads=n_threads, draft=draft, backend="llama.cpp")
+        self.rt = edgespec.load(model, n_ctx=n_ctx, n_threads=n_threads, draft=draft, backend="llama.cpp",
+                                exact=exact)
         self.max_tokens = max_tokens
         self.llm = None
         if "llama-python" in methods:
@@ -97,7 +105,7 @@ class Runner:
         req = Request(max_tokens=self.max_tokens, temperature=temp, seed=seed, response_format=task.response_format)
         if method == "default":
             gen = self.rt.start(prompt, req)
-            text, stats = gen.text(), gen.stats
+            text, stats, out = gen.text(), gen.stats, gen.tokens
         else:
             stats, out = Stats(), []
             constraint = Constraint.for_backend(backend, req._grammar)
@@ -105,7 +113,20 @@ class Runner:
             text = "".join(stream(backend, prompt, req._config, stats, steps=steps, out_tokens=out))
         n = max(stats.generated_tokens, 1)
         return Answer(method, task.name, seed, text, stats.generated_tokens, stats.tok_s, validator(task)(text),
-                      stats.forced, 1000 * stats.grammar_s / n, {"finish": stats.finish_reason})
+                      stats.forced, 1000 * stats.grammar_s / n, {"finish": stats.finish_reason}, list(out))
+
+    def margin_at(self, task: Task, plain: list[int], i: int) -> float:
+        """Constrained plain decoding's top-two logit gap after ``plain[:i]``, among the tokens the grammar allows
+        there (a prefill from an empty cache; inf where the grammar allows one token only)."""
+        backend = self.rt.backend
+        req = Request(response_format=task.response_format)
+        constraint = Constraint.for_backend(backend, req._grammar)
+        constraint.consume(plain[:i])
+        backend.truncate(0)
+        logits = constraint.masked(backend.prefill(self.prompt(task) + plain[:i]).logits[-1])
+        backend.truncate(0)
+        top = np.sort(logits[np.isfinite(logits)])[-2:]
+        return float(top[1] - top[0]) if len(top) == 2 else float("inf")
 
     def _grammar(self, task: Task):
         from llama_cpp import LlamaGrammar
@@ -159,10 +180,27 @@ def summarize(answers: list[Answer]) -> dict:
     ratios = [a.tok_s / llama[key(a)].tok_s for a in by["default"] if key(a) in llama and llama[key(a)].tok_s > 0]
     if ratios:
         out["default"]["median_speedup_vs_llama_python"] = statistics.median(ratios)
-    greedy = [(a, plain[key(a)]) for a in by["default"] if a.seed is None and key(a) in plain]
-    if greedy:
-        out["default"]["greedy_equal_to_plain"] = sum(a.text == p.text for a, p in greedy) / len(greedy)
     return out
+
+
+def check_greedy(runner: Runner, tasks: list[Task], answers: list[Answer]) -> dict:
+    """Greedy ``default`` against greedy ``plain``, token by token: identical, certified near-ties (plain's
+    constrained top-two gap at the first differing token below ``NEAR_TIE``; a length difference counts at the
+    shorter end) and mismatches."""
+    greedy = {(a.method, a.task): a for a in answers if a.seed is None}
+    same, ties, bad = 0, [], []
+    for task in tasks:
+        d, p = greedy.get(("default", task.name)), greedy.get(("plain", task.name))
+        if d is None or p is None:
+            continue
+        if d.ids == p.ids:
+            same += 1
+            continue
+        j = next((k for k, (a, b) in enumerate(zip(d.ids, p.ids, strict=False)) if a != b),
+                 min(len(d.ids), len(p.ids)))
+        margin = runner.margin_at(task, p.ids, j)
+        (ties if margin < NEAR_TIE else bad).append({"task": task.name, "token": j, "margin": round(margin, 3)})
+    return {"identical": same, "near_ties": ties, "mismatches": bad, "compared": same + len(ties) + len(bad)}
 
 
 def main(args) -> int:
@@ -172,7 +210,8 @@ def main(args) -> int:
         raise ValueError(f"unknown --methods {', '.join(sorted(unknown))}: use {', '.join(METHODS)}")
     tasks = TASKS[:args.n] if args.n else TASKS
     seeds: list[int | None] = [None] + list(range(1, args.constrained_seeds + 1))
-    runner = Runner(args.model, args.n_ctx, args.threads, args.draft, args.max_tokens, methods)
+    exact = getattr(args, "exact", False)
+    runner = Runner(args.model, args.n_ctx, args.threads, args.draft, args.max_tokens, methods, exact)
     runner_costs = machine.cost_table(runner.rt.backend)  # c(n) on this machine, for BENCHMARKS.md
     answers: list[Answer] = []
     try:
@@ -188,12 +227,15 @@ def main(args) -> int:
                         flag = "" if a.valid else "  INVALID"
                         print(f"{task.name:18s} seed={seed!s:4s} {m:13s} {a.tok_s:6.1f} tok/s {a.tokens:4d} tok "
                               f"forced {a.forced:3d}{flag}", flush=True)
+        summary = summarize(answers)
+        if "default" in summary and "plain" in summary:
+            summary["default"]["greedy_vs_plain"] = check_greedy(runner, tasks, answers)
     finally:
         runner.close()
-    summary = summarize(answers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "draft": args.draft, "max_tokens": args.max_tokens, "seeds": args.constrained_seeds,
+    meta = {"model": args.model, "draft": args.draft, "exact": exact, "max_tokens": args.max_tokens,
+            "seeds": args.constrained_seeds,
             "tasks": len(tasks), **machine.describe(), "date": time.strftime("%Y-%m-%d %H:%M"),
             "verify_cost": runner_costs}
     (out / "structured.json").write_text(json.dumps({"meta": meta, "summary": summary,

@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
                         "--n-ctx, --draft, --out, and --methods among plain,default,llama-python")
     p.add_argument("--constrained-seeds", type=int, default=3,
                    help="sampled runs per task besides the greedy one (--constrained; default 3)")
+    p.add_argument("--exact", action="store_true",
+                   help="--constrained: load the runtime in exact mode (verify batches that stay bit-identical to "
+                        "plain decoding), where greedy answers must equal constrained plain decoding's")
     p.add_argument("--server", action="store_true",
                    help="server benchmark instead (edgespec serve against the in-process API): every other option "
                         "goes to it; `edgespec bench --server --help` lists them")
