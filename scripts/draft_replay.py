@@ -11,6 +11,12 @@ upper bound for drafters with a real draft cost. ``--oracle`` also replays each 
 
     python scripts/draft_replay.py record --out ~/.cache/edgespec/replay.json --hidden
     python scripts/draft_replay.py replay ~/.cache/edgespec/replay.json --drafters ngram,redrafter+gate --oracle
+
+``from-bench`` takes the recorded outputs from a speed bench's ``results.json`` instead (its ``plain`` runs, with
+the prompts rebuilt from the set; sets whose prompts hold the model's own earlier answers cannot be rebuilt):
+
+    python scripts/draft_replay.py from-bench docs/bench/s13/summarize15.json --out /tmp/summarize.json
+    python scripts/draft_replay.py replay /tmp/summarize.json --drafters suffix,ngram --oracle --costs 2:1.45,...
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ def record(args) -> None:
 
     bench = Bench(args.model, [parse_method("plain")], 4096, args.threads, args.max_tokens)
     out, hidden = {}, {}
-    for kind, n in SETS:
+    sets = [(k, int(n)) for k, n in (x.split(":") for x in args.sets.split(","))] if args.sets else SETS
+    for kind, n in sets:
         out[kind] = []
         for k, prompt in enumerate(load_prompts(kind, min(n, args.n or n), bench.target)):
             tokens = bench.run(bench.methods[0], prompt).tokens
@@ -54,6 +61,25 @@ def record(args) -> None:
     Path(args.out).write_text(json.dumps({"model": args.model, "sets": out}))
     if args.hidden:
         np.savez(Path(args.out).with_suffix(".hidden.npz"), **hidden)
+
+
+def from_bench(args) -> None:
+    from edgespec import registry
+    from edgespec.backends.llama_cpp import LlamaCppBackend
+    from edgespec.benches.prompts import load_prompts
+
+    res = json.loads(Path(args.results).read_text())
+    meta = res["meta"]
+    if meta["prompts"] in ("revision", "code-revision"):
+        raise SystemExit("the code-revision prompts hold the model's own answers: use record")
+    runs = res["per_prompt"]["plain"]
+    backend = LlamaCppBackend(registry.resolve(meta["model"]), n_ctx=4096, n_threads=1)
+    prompts = load_prompts(meta["prompts"], len(runs), backend)
+    backend.close()
+    sets = {meta["prompts"]: [{"prompt": p, "out": r["tokens"]} for p, r in zip(prompts, runs, strict=True)]}
+    Path(args.out).write_text(json.dumps({"model": meta["model"], "sets": sets,
+                                          "costs": meta.get("verify_cost")}))
+    print(f"{len(runs)} outputs of {meta['prompts']}; c(n) of that run: {meta.get('verify_cost')}")
 
 
 def accepted_path(tree: DraftTree, truth: list[int]) -> list[int]:
@@ -113,10 +139,14 @@ def make_drafter(spec: str, model: str):
         d = drafters.parse(m.drafter, model) if m.kind == "spec" else None
     except (ValueError, registry.ModelError) as e:
         raise SystemExit(f"{spec}: {e}") from e
-    if d is None or d.kind not in ("ngram", "redrafter"):
-        raise SystemExit(f"replay knows ngram and redrafter[:path][+gate], not {spec!r}")
+    if d is None or d.kind not in ("ngram", "redrafter", "suffix"):
+        raise SystemExit(f"replay knows ngram, suffix and redrafter[:path][+gate], not {spec!r}")
     if d.kind == "ngram":
         return NgramDrafter()
+    if d.kind == "suffix":
+        from edgespec.models.drafting.suffix import SuffixDrafter
+
+        return SuffixDrafter()
     return ReDrafter(Path(d.arg), GgufFile(registry.resolve(model)), self_gating=m.gate)
 
 
@@ -124,11 +154,15 @@ def replay(args) -> None:
     data = json.loads(Path(args.outputs).read_text())
     hid_path = Path(args.outputs).with_suffix(".hidden.npz")
     hidden = np.load(hid_path) if hid_path.exists() else None
-    costs = {int(k): float(v) for k, v in (kv.split(":") for kv in args.costs.split(","))}
+    if args.costs:
+        costs = {int(k): float(v) for k, v in (kv.split(":") for kv in args.costs.split(","))}
+    else:
+        costs = {int(k): float(v) for k, v in (data.get("costs") or {}).items()} or \
+            {int(k): float(v) for k, v in (kv.split(":") for kv in XEON_S9.split(","))}
     print(f"c(n): {costs}")
     for spec in args.drafters.split(","):
         for oracle in (False, True) if args.oracle else (False,):
-            for kind, _ in SETS:
+            for kind in data["sets"]:
                 d = make_drafter(spec, data["model"])
                 if d.needs_hidden and hidden is None:
                     raise SystemExit(f"{spec} needs hidden states: record with --hidden")
@@ -152,14 +186,19 @@ def main() -> None:
     r.add_argument("--max-tokens", type=int, default=128)
     r.add_argument("--hidden", action="store_true", help="also keep hidden states (for ReDrafter replay)")
     r.add_argument("--n", type=int, default=None, help="at most this many prompts per set (default: the bench's)")
+    r.add_argument("--sets", default=None, help="set:n,... (default: humaneval:20,chat:20,adversarial:10)")
     r.add_argument("--out", required=True)
     p = sub.add_parser("replay", help="replay drafters on recorded outputs")
     p.add_argument("outputs")
     p.add_argument("--drafters", default="ngram")
-    p.add_argument("--costs", default=XEON_S9, help="c(n) as n:cost,... in single steps")
+    p.add_argument("--costs", default=None,
+                   help="c(n) as n:cost,... in single steps (default: the recorded run's, else session 9's Xeon)")
     p.add_argument("--oracle", action="store_true", help="also replay with perfect gating")
+    b = sub.add_parser("from-bench", help="outputs and prompts from a speed bench's results.json")
+    b.add_argument("results")
+    b.add_argument("--out", required=True)
     args = ap.parse_args()
-    record(args) if args.cmd == "record" else replay(args)
+    {"record": record, "replay": replay, "from-bench": from_bench}[args.cmd](args)
 
 
 if __name__ == "__main__":
