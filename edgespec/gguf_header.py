@@ -31,33 +31,13 @@ SHORT_ARRAY = 4096  # numeric arrays up to this many items keep their values (pe
 STRING, ARRAY = 8, 9  # GGUF value types that are not scalars
 SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}  # struct codes
 
-QK_K = 256
-# ggml tensor type -> (elements per block, bytes per block), as gguf.constants.GGML_QUANT_SIZES (gguf 0.19)
-BLOCKS = {
-    0: (1, 4), 1: (1, 2),  # F32, F16
-    2: (32, 2 + 16), 3: (32, 2 + 2 + 16),  # Q4_0, Q4_1
-    6: (32, 2 + 4 + 16), 7: (32, 2 + 2 + 4 + 16),  # Q5_0, Q5_1
-    8: (32, 2 + 32), 9: (32, 4 + 4 + 32),  # Q8_0, Q8_1
-    10: (256, 2 + 2 + QK_K // 16 + QK_K // 4),  # Q2_K
-    11: (256, 2 + QK_K // 4 + QK_K // 8 + 12),  # Q3_K
-    12: (256, 2 + 2 + QK_K // 2 + 12),  # Q4_K
-    13: (256, 2 + 2 + QK_K // 2 + QK_K // 8 + 12),  # Q5_K
-    14: (256, 2 + QK_K // 2 + QK_K // 4 + QK_K // 16),  # Q6_K
-    15: (256, 4 + QK_K + QK_K // 8),  # Q8_K
-    16: (256, 2 + QK_K // 4),  # IQ2_XXS
-    17: (256, 2 + QK_K // 4 + QK_K // 32),  # IQ2_XS
-    18: (256, 2 + QK_K // 4 + QK_K // 8),  # IQ3_XXS
-    19: (256, 2 + QK_K // 8 + QK_K // 16),  # IQ1_S
-    20: (32, 2 + 16),  # IQ4_NL
-    21: (256, 2 + QK_K // 4 + QK_K // 8 + QK_K // 32 + 4),  # IQ3_S
-    22: (256, 2 + QK_K // 4 + QK_K // 16),  # IQ2_S
-    23: (256, 2 + 2 + QK_K // 2 + QK_K // 64),  # IQ4_XS
-    24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8),  # I8, I16, I32, I64, F64
-    29: (256, QK_K // 8 + QK_K // 16 + QK_K // 32),  # IQ1_M
-    30: (1, 2),  # BF16
-    34: (256, 2 + 4 * 13), 35: (256, 2 + 64),  # TQ1_0, TQ2_0
-    39: (32, 1 + 16), 40: (64, 4 + 32), 41: (128, 2 + 16),  # MXFP4, NVFP4, Q1_0
-}
+
+@lru_cache(maxsize=1)
+def blocks() -> dict[int, tuple[int, int]]:
+    """ggml tensor type -> (elements per block, bytes per block), the gguf package's table."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    return {int(k): v for k, v in GGML_QUANT_SIZES.items()}
 
 
 @dataclass(frozen=True)
@@ -220,7 +200,7 @@ def _parse(r: _Reader) -> Header:
         n_dims = r.unpack("I")[0]
         dims = struct.unpack(f"{r.order}{n_dims}Q", r.take(8 * n_dims))
         ggml_type, offset = r.unpack("IQ")
-        if ggml_type not in BLOCKS:
+        if ggml_type not in blocks():
             raise ValueError(f"tensor {name!r} has an unknown type {ggml_type}")
         infos.append((name, ggml_type, dims, offset))
     if len({name for name, *_ in infos}) != len(infos):
@@ -231,7 +211,7 @@ def _parse(r: _Reader) -> Header:
     data_offset = r.tell() + (-r.tell()) % align
     tensors = []
     for name, ggml_type, dims, offset in infos:
-        block, size = BLOCKS[ggml_type]
+        block, size = blocks()[ggml_type]
         tensors.append(Tensor(name, ggml_type, dims, data_offset + offset, math.prod(dims) * size // block))
     return Header(version, MappingProxyType(fields), tuple(tensors), data_offset, r.size)
 
