@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgespec.gguf_header import in_child
+from edgespec.gguf_header import tensor_locations
 
 
 def tensor_rows(path: str | Path, *names: str) -> list[TensorRows]:
     """``TensorRows`` for several tensors of one file, with a single header read."""
-    locs = in_child("edgespec.gguf_header:tensor_locations", str(path), *names)
+    locs = tensor_locations(str(path), *names)
     return [TensorRows(path, n, locs[n]) for n in names]
 
 
@@ -27,7 +27,7 @@ class TensorRows:
     def __init__(self, path: str | Path, name: str, loc: dict | None = None):
         from gguf import GGMLQuantizationType
 
-        loc = loc or in_child("edgespec.gguf_header:tensor_locations", str(path), name)[name]
+        loc = loc or tensor_locations(str(path), name)[name]
         self.qtype = GGMLQuantizationType(loc["type"])
         self.n_cols, self.n_rows = loc["shape"]  # GGUF lists the fastest-varying dimension first
         self.row_bytes = loc["n_bytes"] // self.n_rows

@@ -56,43 +56,34 @@ class ModelShape:
 
 
 def read_shape(path: str | Path) -> ModelShape:
-    """Model dimensions and weight bytes from a GGUF header, read in a child process (``gguf_header``)."""
-    from edgespec.gguf_header import in_child
+    """Model dimensions and weight bytes from a GGUF header (``gguf_header``: the header alone is read, once
+    per file and process). A file that is not a model edgespec can size is a ``ValueError``."""
+    from edgespec.gguf_header import Array, read_header
 
-    return ModelShape(**in_child("edgespec.memory.footprint:_read_shape_dict", str(path)))
-
-
-def _read_shape_dict(path: str) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(_read_shape(path))
-
-
-def _read_shape(path: str) -> ModelShape:
-    from gguf import GGUFReader
-
-    r = GGUFReader(path)
+    h = read_header(path)
+    fields = h.fields
 
     def val(key: str, default=None):
-        f = r.fields.get(key)
-        if f is None:
-            return default
-        return f.contents()
+        v = fields.get(key, default)
+        return list(v.values) if isinstance(v, Array) and v.values is not None else v
 
-    arch = val("general.architecture")
-    n_embd = int(val(f"{arch}.embedding_length"))
-    n_head = int(val(f"{arch}.attention.head_count"))
-    n_head_kv = val(f"{arch}.attention.head_count_kv", n_head)
-    n_head_kv = int(max(n_head_kv) if isinstance(n_head_kv, list) else n_head_kv)
-    head_k = int(val(f"{arch}.attention.key_length", n_embd // n_head))
-    head_v = int(val(f"{arch}.attention.value_length", n_embd // n_head))
-    tokens = r.fields.get("tokenizer.ggml.tokens")
-    n_vocab = len(tokens.data) if tokens is not None else int(val(f"{arch}.vocab_size"))
-    weights = sum(int(t.n_bytes) for t in r.tensors)
-    n_ff = val(f"{arch}.feed_forward_length", 4 * n_embd)
-    n_ff = int(max(n_ff) if isinstance(n_ff, list) else n_ff)
-    return ModelShape(arch, int(val(f"{arch}.block_count")), n_embd, n_head, n_head_kv, head_k, head_v,
-                      n_vocab, weights, n_ff)
+    try:
+        arch = val("general.architecture")
+        n_embd = int(val(f"{arch}.embedding_length"))
+        n_head = int(val(f"{arch}.attention.head_count"))
+        n_head_kv = val(f"{arch}.attention.head_count_kv", n_head)
+        n_head_kv = int(max(n_head_kv) if isinstance(n_head_kv, list) else n_head_kv)
+        head_k = int(val(f"{arch}.attention.key_length", n_embd // n_head))
+        head_v = int(val(f"{arch}.attention.value_length", n_embd // n_head))
+        tokens = fields.get("tokenizer.ggml.tokens")
+        n_vocab = tokens.length if isinstance(tokens, Array) else int(val(f"{arch}.vocab_size"))
+        weights = sum(t.n_bytes for t in h.tensors)
+        n_ff = val(f"{arch}.feed_forward_length", 4 * n_embd)
+        n_ff = int(max(n_ff) if isinstance(n_ff, list) else n_ff)
+        n_layer = int(val(f"{arch}.block_count"))
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"cannot read the model's shape from the GGUF header of {path}: {e}") from e
+    return ModelShape(arch, n_layer, n_embd, n_head, n_head_kv, head_k, head_v, n_vocab, weights, n_ff)
 
 
 @dataclass

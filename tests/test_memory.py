@@ -42,6 +42,31 @@ def test_shape_read_from_header(qwen_path):
     assert s.kv_bytes_per_token("q4_0") < s.kv_bytes_per_token("q8_0") < s.kv_bytes_per_token("f16")
 
 
+def test_header_reader_agrees_with_the_gguf_package(smol_path):
+    """edgespec's lean header reader against ``gguf.GGUFReader``: every key's value (an array's item type and
+    length, and its values where kept), the tensor table and where the tensor data starts."""
+    from gguf import GGUFReader, GGUFValueType
+
+    from edgespec.gguf_header import Array, read_header
+
+    ref, h = GGUFReader(smol_path), read_header(smol_path)
+    keys = [k for k in ref.fields if not k.startswith("GGUF.")]  # the reader's own version and count entries
+    assert list(h.fields) == keys
+    for k in keys:
+        f, v = ref.fields[k], h.fields[k]
+        if f.types[0] == GGUFValueType.ARRAY:
+            assert isinstance(v, Array) and v.length == len(f.data), k
+            assert len(f.types) == 1 or v.type == f.types[1], k
+            assert v.values is None or list(v.values) == f.contents(), k
+        else:
+            assert v == f.contents(), k
+    assert h.data_offset == ref.data_offset
+    assert [(t.name, t.type, list(t.shape), t.offset, t.n_bytes) for t in h.tensors] == \
+        [(t.name, int(t.tensor_type), [int(x) for x in t.shape], int(t.data_offset), int(t.n_bytes))
+         for t in ref.tensors]
+    assert read_shape(smol_path).weight_bytes == sum(int(t.n_bytes) for t in ref.tensors)
+
+
 def test_planner_degrades_then_refuses(qwen_path):
     shape = read_shape(qwen_path)
     roomy = plan(shape, parse_size("2GB"), draft="ngram", draft_bytes=NGRAM_BYTES)

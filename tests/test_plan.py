@@ -79,7 +79,8 @@ def test_draft_model_opens_with_the_planned_settings(qwen_path, smol_path):
     fp = run_footprint(read_shape(qwen_path), 1024, "q8_0", 32, 4,
                        drafters.planned_footprint(DraftSpec("model", str(smol_path)))(1024, "q8_0", 32))
     budget = int(fp.total / (1 - SAFETY)) + 1  # no room for an f16 KV cache at context 1024, at any batch
-    with load(str(qwen_path), n_ctx=1024, n_threads=2, draft=spec, memory_budget=budget) as rt:
+    # a fixed draft depth: no verify-cost calibration, which the plan and the backends' settings do not depend on
+    with load(str(qwen_path), n_ctx=1024, n_threads=2, draft=spec, memory_budget=budget, draft_depth=2) as rt:
         p, d = rt.plan, rt.drafter.backend
         assert p.draft == spec and (p.n_ctx, p.kv_type, p.n_batch) == (1024, "q8_0", 32)
         assert (rt.backend.n_ctx, rt.backend.kv_type, rt.backend.n_batch) == (p.n_ctx, p.kv_type, p.n_batch)
