@@ -8,6 +8,7 @@ The cache holds ``cached`` (committed tokens); ``forward`` appends a token tree 
 from __future__ import annotations
 
 import codecs
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -140,6 +141,15 @@ class Backend(Protocol):
     def memory(self) -> MemoryInfo: ...
 
     def close(self) -> None: ...
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: ``taskset``, a cpuset; all cores where the platform has no
+    affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def detokenize(backend: Backend, tokens: list[int]) -> str:

@@ -28,6 +28,7 @@ from edgespec.backends.base import (
     PrefillCancelled,
     check_path,
     tree_depths,
+    usable_cpus,
 )
 
 KV_TYPES = {"f16": (lc.GGML_TYPE_F16, 2.0), "q8_0": (lc.GGML_TYPE_Q8_0, 34 / 32), "q4_0": (lc.GGML_TYPE_Q4_0, 18 / 32)}
@@ -125,7 +126,8 @@ class LlamaCppBackend:
         if not self._model:
             raise LoadError(f"llama.cpp could not load {self.path}:\n" + "".join(list(_LOG)[-5:]).strip())
         self._vocab = lc.llama_model_get_vocab(self._model)
-        n_threads = n_threads or min(os.cpu_count() or 2, 8)
+        # a thread beyond the CPUs the process may run on only waits at llama.cpp's spinning barrier
+        n_threads = min(n_threads or 8, usable_cpus())
         cparams = lc.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_batch

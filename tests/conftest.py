@@ -21,6 +21,19 @@ import pytest
 
 from edgespec import registry
 
+# Two pytest-xdist workers (pyproject's addopts) on a core each: llama.cpp caps its threads at the CPUs the process
+# may use, so each worker decodes on one thread and neither waits on the other's spinning threads; torch, OpenMP
+# and BLAS are held to the worker's share too. Subprocesses inherit the affinity.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _WORKER.startswith("gw") and hasattr(os, "sched_setaffinity"):
+    _cpus = sorted(os.sched_getaffinity(0))
+    _n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if 1 < _n <= len(_cpus):
+        _share = _cpus[int(_WORKER[2:]) % _n::_n]
+        os.sched_setaffinity(0, _share)
+        for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[_var] = str(len(_share))
+
 # Huge pages cost 0.35-2.5 s per model load (tests load models, and start servers, many times) and change no
 # output; test_backend checks that with them switched on explicitly. Subprocesses inherit this.
 os.environ.setdefault("EDGESPEC_HUGE_PAGES", "0")

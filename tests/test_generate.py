@@ -42,7 +42,7 @@ def test_greedy_matches_llama_cpp_python(which, rt_small, rt_qwen, smol_path, qw
     from llama_cpp import Llama
 
     rt, path = (rt_small, smol_path) if which == "smol" else (rt_qwen, qwen_path)
-    ref = Llama(model_path=str(path), n_ctx=1024, n_threads=2, verbose=False, flash_attn=True)
+    ref = Llama(model_path=str(path), n_ctx=1024, n_threads=rt.backend.n_threads, verbose=False, flash_attn=True)
     for prompt in PROMPTS:
         toks = rt.backend.tokenize(prompt, add_special=True, parse_special=False)
         want = ref.create_completion(toks, max_tokens=24, temperature=0.0, top_k=1, repeat_penalty=1.0)

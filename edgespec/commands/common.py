@@ -19,7 +19,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"registry id or path to a .gguf file (default: {registry.DEFAULT_MODEL})")
     p.add_argument("--backend", default="auto", choices=["auto", "llama.cpp", "mlx"])
     p.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens (default 4096)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores, at most 8)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: the cores the process may use, at most 8)")
     p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"])
     p.add_argument("--draft", default="auto",
                    help="speculative drafter: auto (suffix drafting, the model's ReDrafter head while it pays, a "

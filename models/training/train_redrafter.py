@@ -16,7 +16,6 @@ Checkpoints every ``ckpt_every`` steps; a run resumes from the last one.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from edgespec.backends.base import usable_cpus
 from edgespec.models.drafting import redrafter
 from edgespec.models.drafting.redrafter import ReDrafterConfig, distill_kl
 
@@ -126,7 +126,7 @@ class Trainer:
         from edgespec.backends.gguf_file import TensorRows
 
         torch.manual_seed(tc.seed)
-        torch.set_num_threads(tc.threads or max(1, min(4, os.cpu_count() or 1)))
+        torch.set_num_threads(tc.threads or min(4, usable_cpus()))
         self.torch, self.tc, self.out_dir, self.data, self.held = torch, tc, out_dir, data, held
         self.bf16 = amx_available() if tc.bf16 is None else tc.bf16
         out_dir.mkdir(parents=True, exist_ok=True)
