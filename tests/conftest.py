@@ -7,7 +7,8 @@ runtime they close or break, a crash or exit, memory measured in a fresh process
 
 Models are not kept for the whole session: a load under a memory budget counts what the process already holds, so
 a model kept from an earlier module would change the plans of later tests. The served model is closed after the
-last test that uses it."""
+last test that uses it. A tiny distillation collection from smollm2-135m (``smol_shards``: files, no model) is
+collected once for the session and read by test_distill and test_redrafter."""
 
 from __future__ import annotations
 
@@ -130,6 +131,47 @@ def smol_rt(_smol_rt):
     reset_runtime(_smol_rt)
     yield _smol_rt
     reset_runtime(_smol_rt)
+
+
+# ---- a tiny distillation collection ----------------------------------------------------------------------
+DISTILL_POSITIONS = 500  # two or three tiny shards (test_redrafter trains on one and holds out the rest)
+
+
+def distill_config():
+    """The tiny collection's config: two answers at a time for three instructions (a freed slot takes the next
+    one), six rows per decode (prompts are prefilled over several steps, teacher-forced text fills what is left)."""
+    from edgespec.models.training.collect import CollectConfig
+
+    return CollectConfig(prompts_per_shard=3, texts_per_shard=2, answer_tokens=16, max_prompt=128, tf_len=32,
+                         min_tf=16, top_k=8, slots=2, rows=6)
+
+
+@pytest.fixture(scope="session")
+def decontaminator():
+    from edgespec.models.training.corpus import Decontaminator
+
+    return Decontaminator()  # shared: reading HumanEval once
+
+
+@pytest.fixture(scope="session")
+def smol_shards(smol_path, decontaminator, tmp_path_factory):
+    """A tiny distillation collection from smollm2-135m (``distill_config``, ``DISTILL_POSITIONS``): its own
+    answers, their prompts and teacher-forced text in at least two shards, collected once for test_distill and
+    test_redrafter, which only read it (files: no model is kept). ``dir`` holds the plan and ``paths`` the shards."""
+    from types import SimpleNamespace
+
+    from edgespec.models.training import collect as col
+
+    out, cfg = tmp_path_factory.mktemp("distill"), distill_config()
+    be = col.open_backend(smol_path, cfg, threads=1)
+    try:
+        shards = col.collect(be, out, cfg, DISTILL_POSITIONS, progress=False, decontaminate=decontaminator)
+        assert len(shards) >= 2 and all(p.exists() for p in shards)
+        # resumes: nothing left to do
+        assert col.collect(be, out, cfg, DISTILL_POSITIONS, progress=False, decontaminate=decontaminator) == shards
+    finally:
+        be.close()
+    return SimpleNamespace(dir=out, paths=shards)
 
 
 # ---- the served model ----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import DISTILL_POSITIONS, SMALL, distill_config
 
 from edgespec.models.training import collect as col
 from edgespec.models.training.corpus import TEMPLATES, Decontaminator, Material
@@ -13,10 +14,9 @@ from edgespec.models.training.train_redrafter import Data
 from edgespec.runtime import Runtime
 
 # two answers at a time for three instructions (a freed slot takes the next one), six rows per decode (prompts
-# are prefilled over several steps, teacher-forced text fills what is left)
-TINY = col.CollectConfig(prompts_per_shard=3, texts_per_shard=2, answer_tokens=16, max_prompt=128, tf_len=32,
-                         min_tf=16, top_k=8, slots=2, rows=6)
-POSITIONS = 500  # two or three tiny shards
+# are prefilled over several steps, teacher-forced text fills what is left): conftest's shared collection
+TINY = distill_config()
+POSITIONS = DISTILL_POSITIONS  # two or three tiny shards
 
 
 def humaneval_prompts():
@@ -25,17 +25,17 @@ def humaneval_prompts():
 
 
 @pytest.fixture(scope="module")
-def clean():
-    return Decontaminator()  # shared: reading HumanEval once
+def clean(decontaminator):
+    return decontaminator  # shared: reading HumanEval once
 
 
 @pytest.fixture(scope="module")
-def runs(smol_path, tmp_path_factory, clean):
-    """The same collection run whole (a), and cut after one shard then resumed with a fresh model (b)."""
-    a, b = tmp_path_factory.mktemp("whole"), tmp_path_factory.mktemp("resumed")
+def runs(smol_path, tmp_path_factory, clean, smol_shards):
+    """The same collection run whole (a: the session's ``smol_shards``), and cut after one shard then resumed
+    with a fresh model (b)."""
+    b = tmp_path_factory.mktemp("resumed")
     be = col.open_backend(smol_path, TINY, threads=1)
     try:
-        whole = col.collect(be, a, TINY, POSITIONS, progress=False, decontaminate=clean)
         with pytest.raises(col.Interrupted):
             col.collect(be, b, TINY, POSITIONS, progress=False, decontaminate=clean, stop_after=1)
     finally:
@@ -46,7 +46,7 @@ def runs(smol_path, tmp_path_factory, clean):
         resumed = col.collect(be, b, TINY, POSITIONS, progress=False, decontaminate=clean)
     finally:
         be.close()
-    return {"a": a, "b": b, "whole": whole, "resumed": resumed}
+    return {"a": smol_shards.dir, "b": b, "whole": smol_shards.paths, "resumed": resumed}
 
 
 def test_resumed_collection_equals_uninterrupted(runs):
@@ -155,7 +155,7 @@ def test_train_collected_holds_out_whole_items_and_writes_a_card(runs, smol_path
     tc = TrainConfig(depth=2, n_draft=256, d_rnn=16, rank=16, shortlist=8, steps=4, batch=16, ckpt_every=100,
                      eval_every=1000, threads=1)
     out = tmp_path / "rd.npz"
-    tr = train_collected(str(smol_path), [runs["a"]], out, tc, held_every=2)
+    tr = train_collected(SMALL, [runs["a"]], out, tc, held_every=2)  # by id: no header check of a path
     # whole items: an instruction's prompt and answer go to the same side
     assert {int(i) % 2 for i in tr.held.item} == {1} and {int(i) % 2 for i in tr.data.item} == {0}
     assert {int(s) for s in tr.held.source} >= {col.SOURCES.index("prompt")}

@@ -1,7 +1,12 @@
-"""ReDrafter: distillation data, training, beam-to-tree packing, losslessness, shipped weights, bad files."""
+"""ReDrafter: distillation data, training, beam-to-tree packing, losslessness, shipped weights, bad files.
+
+The mechanism is tested on smollm2-135m, the smallest model, with a tiny head trained here on the session's tiny
+collection (conftest ``smol_shards``, shared with test_distill); the weights shipped for qwen2.5-coder-0.5b are
+tested on that model."""
 
 import numpy as np
 import pytest
+from conftest import SMALL
 
 from edgespec.backends.gguf_file import GgufFile
 from edgespec.controller import controller_for
@@ -9,7 +14,6 @@ from edgespec.generate import GenerationConfig, Stats, plain_steps, stream
 from edgespec.models.drafting import redrafter
 from edgespec.models.drafting.drafter import DraftContext, TreeShape
 from edgespec.models.drafting.redrafter import ReDrafter
-from edgespec.models.training import collect as col
 from edgespec.models.training.train_redrafter import Data, TrainConfig, Trainer
 from edgespec.speculative import speculative_steps
 
@@ -17,28 +21,19 @@ PROMPTS = ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"
            "import os\n\n\ndef list_python_files(root):\n"]
 TINY = TrainConfig(depth=2, n_draft=512, d_rnn=32, n_blocks=1, rank=32, shortlist=16, steps=40, batch=32, lr=3e-3,
                    ckpt_every=20, eval_every=1000)
-DATA = col.CollectConfig(prompts_per_shard=2, texts_per_shard=2, answer_tokens=16, max_prompt=128, tf_len=64,
-                         min_tf=32, top_k=8, slots=2, rows=8)
 
 
 @pytest.fixture(scope="module")
-def tiny_data(qwen_path, tmp_path_factory):
-    """Two tiny shards from the real qwen2.5-coder-0.5b: its own answers, their prompts and teacher-forced text."""
-    out = tmp_path_factory.mktemp("distill")
-    be = col.open_backend(qwen_path, DATA, threads=1)
-    try:
-        shards = col.collect(be, out, DATA, 900, progress=False)
-        assert len(shards) >= 2 and all(p.exists() for p in shards)
-        assert col.collect(be, out, DATA, 900, progress=False) == shards  # resumes: nothing left to do
-    finally:
-        be.close()
-    return shards
+def tiny_data(smol_shards):
+    """At least two tiny shards from the real smollm2-135m (conftest, collected once for the session): its own
+    answers, their prompts and teacher-forced text."""
+    return smol_shards.paths
 
 
 @pytest.fixture(scope="module")
-def tiny_drafter(qwen_path, tiny_data, tmp_path_factory):
+def tiny_drafter(smol_path, tiny_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("train")
-    tr = Trainer(Data.load(tiny_data[:1]), Data.load(tiny_data[1:]), qwen_path, "qwen2.5-coder-0.5b", work, TINY)
+    tr = Trainer(Data.load(tiny_data[:1]), Data.load(tiny_data[1:]), smol_path, SMALL, work, TINY)
     fixed = tr.pos[np.random.default_rng(0).permutation(len(tr.pos))[:64]]
     with tr.torch.no_grad():
         before = float(sum(tr.batch_losses(tr.data, fixed)["kl"]))
@@ -50,29 +45,28 @@ def tiny_drafter(qwen_path, tiny_data, tmp_path_factory):
     return {"path": path, "before": before, "after": after, "work": work, "trainer": tr}
 
 
-def test_collected_data_is_the_targets(qwen, tiny_data):
+def test_collected_data_is_the_targets(smol, tiny_data):
     d = Data.load(tiny_data)
-    assert d.hidden.shape[-1] == qwen.info.n_embd and d.top_ids.shape[-1] == 8
+    assert d.hidden.shape[-1] == smol.info.n_embd and d.top_ids.shape[-1] == 8
     seg = [int(t) for t in d.tokens[0] if t >= 0]
-    qwen.truncate(0)
-    out = qwen.prefill(seg[:10])
-    qwen.truncate(0)
+    smol.truncate(0)
+    out = smol.prefill(seg[:10])
+    smol.truncate(0)
     assert int(np.argmax(out.logits[0])) == int(d.top_ids[0, 9, 0])  # top-1 at position 9 is the target's argmax
     probs = np.exp(d.top_logp.astype(np.float32)).sum(-1)[d.tokens >= 0]  # padding excluded
     assert np.all(probs <= 1.01) and np.median(probs) > 0.5  # true log-probs, not renormalized
 
 
-def test_training_lowers_the_loss_and_resumes(tiny_drafter, tiny_data, qwen_path):
+def test_training_lowers_the_loss_and_resumes(tiny_drafter, tiny_data, smol_path):
     assert tiny_drafter["after"] < 0.8 * tiny_drafter["before"]
-    tr = Trainer(Data.load(tiny_data[:1]), Data.load(tiny_data[1:]), qwen_path, "qwen2.5-coder-0.5b",
-                 tiny_drafter["work"], TINY)
+    tr = Trainer(Data.load(tiny_data[:1]), Data.load(tiny_data[1:]), smol_path, SMALL, tiny_drafter["work"], TINY)
     assert tr.step_n == TINY.steps  # picked up the checkpoint
     saved, trained = tr.params["bias"].detach().numpy(), tiny_drafter["trainer"].params["bias"].detach().numpy()
     np.testing.assert_allclose(saved, trained)
 
 
-def test_beams_pack_into_a_deduplicated_gated_tree(tiny_drafter, qwen_path):
-    rd = ReDrafter(tiny_drafter["path"], GgufFile(qwen_path))
+def test_beams_pack_into_a_deduplicated_gated_tree(tiny_drafter, smol_path):
+    rd = ReDrafter(tiny_drafter["path"], GgufFile(smol_path))
     beams = np.array([[5, 6, 7], [5, 6, 8], [5, 9, 10], [11, 12, 13]])
     lp = np.log(np.array([[0.9, 0.8, 0.7], [0.9, 0.8, 0.05], [0.9, 0.1, 0.09], [0.05, 0.04, 0.03]]))
     rd.beams = lambda h, root, w, L, floor=0.0: (beams, lp)
@@ -84,8 +78,8 @@ def test_beams_pack_into_a_deduplicated_gated_tree(tiny_drafter, qwen_path):
     assert len(rd.propose(ctx, TreeShape(3, 4, 2))) == 2  # max_nodes
 
 
-def test_self_gating_chain_keeps_the_prefix_with_the_largest_expected_gain(tiny_drafter, qwen_path):
-    rd = ReDrafter(tiny_drafter["path"], GgufFile(qwen_path), self_gating=True)
+def test_self_gating_chain_keeps_the_prefix_with_the_largest_expected_gain(tiny_drafter, smol_path):
+    rd = ReDrafter(tiny_drafter["path"], GgufFile(smol_path), self_gating=True)
     assert rd.self_gating and not ReDrafter.self_gating  # opt-in, per drafter
     ctx = DraftContext([], 1, np.zeros(rd.cfg.n_embd, np.float32), None)
     rd.beams = lambda h, root, w, L, floor=0.0: (np.array([[5, 6, 7]]), np.log(np.array([[0.45, 0.4, 0.35]])))
@@ -119,12 +113,12 @@ def _plain(backend, prompt):
     return list(_PLAIN[key])
 
 
-def test_trained_drafter_is_lossless(qwen, qwen_path, tiny_drafter):
-    rd = ReDrafter(tiny_drafter["path"], GgufFile(qwen_path))
+def test_trained_drafter_is_lossless(smol, smol_path, tiny_drafter):
+    rd = ReDrafter(tiny_drafter["path"], GgufFile(smol_path))
     for text in PROMPTS:
-        prompt = qwen.tokenize(text)
-        plain = _plain(qwen, prompt)
-        spec, st = _generate(qwen, prompt, rd)
+        prompt = smol.tokenize(text)
+        plain = _plain(smol, prompt)
+        spec, st = _generate(smol, prompt, rd)
         assert spec == plain and st.drafted > 0
 
 
@@ -145,11 +139,11 @@ def test_shipped_drafter_loads_and_drafts(qwen, qwen_path):
 
 def test_bad_weights_files_are_refused(tiny_drafter, qwen_path, smol_path, tmp_path):
     with pytest.raises(FileNotFoundError):
-        ReDrafter(tmp_path / "missing.npz", GgufFile(qwen_path))
+        ReDrafter(tmp_path / "missing.npz", GgufFile(smol_path))
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a readable"):
-        ReDrafter(bad, GgufFile(qwen_path))
+        ReDrafter(bad, GgufFile(smol_path))
     cfg, vocab, params = redrafter.load(tiny_drafter["path"])
     params["bias"][0] += 1.0
     redrafter.save(bad, cfg, vocab, params)
@@ -157,12 +151,12 @@ def test_bad_weights_files_are_refused(tiny_drafter, qwen_path, smol_path, tmp_p
     raw[len(raw) // 2] ^= 0xFF  # flip a byte inside the arrays
     bad.write_bytes(bytes(raw))
     with pytest.raises(ValueError):
-        ReDrafter(bad, GgufFile(qwen_path))
+        ReDrafter(bad, GgufFile(smol_path))
     with pytest.raises(ValueError, match="trained for a target|no tensor"):
-        ReDrafter(tiny_drafter["path"], GgufFile(smol_path))  # another model's vocabulary
+        ReDrafter(tiny_drafter["path"], GgufFile(qwen_path))  # another model's vocabulary
 
 
-def test_online_adaptation_learns_and_survives_an_interrupted_save(qwen, qwen_path, tiny_drafter, tmp_path,
+def test_online_adaptation_learns_and_survives_an_interrupted_save(smol, smol_path, tiny_drafter, tmp_path,
                                                                     monkeypatch):
     import os
 
@@ -170,12 +164,12 @@ def test_online_adaptation_learns_and_survives_an_interrupted_save(qwen, qwen_pa
 
     from edgespec.models.drafting.online import OnlineAdapter, OnlineConfig
 
-    rd = ReDrafter(tiny_drafter["path"], GgufFile(qwen_path))
+    rd = ReDrafter(tiny_drafter["path"], GgufFile(smol_path))
     state = tmp_path / "adapted.npz"
     rd.adapter = OnlineAdapter(rd, OnlineConfig(min_new=4, steps=30, batch=16, lr=3e-3), path=state)
     for text in PROMPTS:
-        plain = _plain(qwen, qwen.tokenize(text))
-        spec, _ = _generate(qwen, qwen.tokenize(text), rd)
+        plain = _plain(smol, smol.tokenize(text))
+        spec, _ = _generate(smol, smol.tokenize(text), rd)
         assert spec == plain  # recording does not change the output
     ad = rd.adapter
     assert ad.n > 4 and ad.pending()
@@ -203,7 +197,7 @@ def test_online_adaptation_learns_and_survives_an_interrupted_save(qwen, qwen_pa
         ad.save()
     monkeypatch.undo()
     np.testing.assert_allclose(redrafter.load(state)[2]["bias"], saved, atol=1e-3)
-    ReDrafter(state, GgufFile(qwen_path))  # loads and verifies
+    ReDrafter(state, GgufFile(smol_path))  # loads and verifies
 
 
 def test_online_examples_are_the_targets_own_text(qwen, qwen_path):
@@ -246,10 +240,10 @@ def test_drafter_reset_command(tmp_path, monkeypatch, tiny_drafter):
     assert not state.exists()
 
 
-def test_mlx_step_matches_numpy(tiny_drafter, qwen_path):
+def test_mlx_step_matches_numpy(tiny_drafter, smol_path):
     mx = pytest.importorskip("mlx.core")
-    a = ReDrafter(tiny_drafter["path"], GgufFile(qwen_path))
-    b = ReDrafter(tiny_drafter["path"], GgufFile(qwen_path), xp=mx)
+    a = ReDrafter(tiny_drafter["path"], GgufFile(smol_path))
+    b = ReDrafter(tiny_drafter["path"], GgufFile(smol_path), xp=mx)
     h = np.random.default_rng(0).standard_normal(a.cfg.n_embd).astype(np.float32) * 4
     ta, ca = a.beams(h, 1000, 3, 3)
     tb, cb = b.beams(h, 1000, 3, 3)
