@@ -106,8 +106,19 @@ def test_intersection_sampling_is_lossless(qwen, smol_path):
     finally:
         xd.close()
     sp = SamplingParams(temperature=1.0, top_k=12)
-    target_logits = np.stack([row, row])
-    p = probs(row, sp)
+    # The rule runs on p's support plus one outcome for every other token: outside p's support (p = 0) a draft is
+    # always rejected and the same residual of p is sampled, whichever token it was, so those tokens are drawn as
+    # one, with their total q. The outcome distribution and both TV figures are those of the full vocabulary, at
+    # microseconds per trial instead of milliseconds (151,936-token rows).
+    keep = np.flatnonzero(probs(row, sp))
+    others = np.ones(len(row), dtype=bool)
+    others[keep] = False
+    small = np.append(row[keep], row[others].max())  # below the top-k threshold: p = 0 there too
+    q = np.append(q[keep], q[others].sum())
+    q /= q.sum()
+    target_logits = np.stack([small, small])
+    p = probs(small, sp)
+    assert p[-1] == 0 and np.allclose(p[:-1], probs(row, sp)[keep])
     rng = np.random.default_rng(0)
     n = 8000  # TV sampling noise over 12 tokens at this n is about 0.015
 
