@@ -27,6 +27,7 @@ VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 CHUNK = 64 << 10  # bytes read at a time: under glibc's mmap threshold, a short-lived heap block
 SHORT_ARRAY = 4096  # numeric arrays up to this many items keep their values (per-layer hyperparameters)
+MAX_STRING = 16 << 20  # a key or string value longer than this is refused (a chat template is a few KiB)
 
 STRING, ARRAY = 8, 9  # GGUF value types that are not scalars
 SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}  # struct codes
@@ -126,7 +127,10 @@ class _Reader:
         return s.unpack(self.take(s.size))
 
     def string(self) -> bytes:
-        return self.take(self.unpack("Q")[0])
+        n = self.unpack("Q")[0]
+        if n > MAX_STRING:  # a hostile file must not make the reader hold it whole
+            raise ValueError(f"a string of {n} bytes in the header (at most {MAX_STRING})")
+        return self.take(n)
 
     def skip_strings(self, count: int) -> None:
         """Step over ``count`` strings (a vocabulary): length prefixes read in place, chunk by chunk."""

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -65,6 +66,23 @@ def test_header_reader_agrees_with_the_gguf_package(smol_path):
         [(t.name, int(t.tensor_type), [int(x) for x in t.shape], int(t.data_offset), int(t.n_bytes))
          for t in ref.tensors]
     assert read_shape(smol_path).weight_bytes == sum(int(t.n_bytes) for t in ref.tensors)
+
+
+def test_header_reader_bounds_hostile_headers(tmp_path):
+    """A header that claims more than the file holds, or a string too long to hold, is refused before it is read."""
+    import struct
+
+    from edgespec.gguf_header import MAX_STRING, problem
+
+    def gguf(key_length: int, size: int) -> Path:
+        f = tmp_path / f"h{key_length}.gguf"
+        f.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, key_length) + b"k" * 8)
+        with open(f, "r+b") as fh:
+            fh.truncate(size)  # sparse: nothing is written past the header
+        return f
+
+    assert "past the end" in problem(gguf(1 << 20, 4096))
+    assert f"at most {MAX_STRING}" in problem(gguf(MAX_STRING + 1, MAX_STRING + 4096))
 
 
 def test_planner_degrades_then_refuses(qwen_path):
