@@ -36,7 +36,7 @@ from edgespec.models.drafting.drafter import DraftContext, DraftTree, TreeShape,
 
 WEIGHTS_DIR = Path(__file__).parent.parent / "weights"  # models/weights: shipped heads (package data)
 # a loaded head's resident bytes beyond its arrays: the modules it brings in (the gguf package it reads the
-# target's rows with: +4.2 MiB imported; its own, +1.3 MiB), the child process that reads the GGUF header,
+# target's rows with: +4.2 MiB imported; its own, +1.3 MiB), the GGUF header reader,
 # working buffers and allocator slack. Measured in a fresh process (scripts/drafter_rss.py, 2-core Xeon):
 # qwen2.5-coder-1.5b's shipped head grew RSS by 61.7-67.2 MiB (arrays 43.8 MiB), the 0.5b's by 39.5 (21.6)
 HEAD_SLACK = 18 << 20
