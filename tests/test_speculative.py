@@ -356,14 +356,14 @@ def test_siblings_must_share_q():
 
 def test_sampled_tokens_follow_target(smol):
     """End to end on a real model: the first two sampled tokens have the same distribution with and
-    without speculation (TV bound over 150 seeds each; top-4 sampling, so at most 16 outcomes). The speculative
+    without speculation (TV bound over 300 seeds each; top-4 sampling, so at most 16 outcomes). The speculative
     runs ask for a third token, so that the second one is drafted and verified: a request drafts no further
     than its max_tokens, so with max_tokens=2 nothing would be drafted at all."""
     from collections import Counter
 
     prompt = smol.tokenize("My favourite animal is the")
     plain, _, _ = run(smol, prompt, max_tokens=3)  # leaves the prompt cached: each run below evaluates its last token
-    n = 150
+    n = 300
     counts, drafted = {}, 0
     for name in ("plain", "spec"):
         c = Counter()
