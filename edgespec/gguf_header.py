@@ -5,11 +5,11 @@ A lean reader of the header alone, through a small buffer, in the calling proces
 kept, numeric arrays when short (per-layer values), other arrays only as their type and length; a vocabulary's
 strings are stepped over, not decoded. ``gguf.GGUFReader`` builds numpy views of every vocabulary entry and
 leaves much of the file resident while it parses (measured: +490 MiB RSS for the 491 MB qwen2.5-coder-0.5b
-file), so it used to run in a child process per query: 8-9 s a query on qwen2.5-coder-0.5b's 152k-token
-vocabulary and 4-5 s on smollm2-135m's 49k (child start included; pytest durations on a 2-core Xeon), paid
-up to five times per file by a budgeted load of a file path (the reference check, the plan, the live guard).
-This reader holds about one 64 KiB chunk besides what it returns, and parses a file's header once per process
-(cached by path, size, modification time and inode).
+file), so it used to run in a child process per query: 8.4 s a query on qwen2.5-coder-0.5b's 152k-token
+vocabulary and 2.6 s on smollm2-135m's 49k (child start included; measured on a 2-core Xeon), paid up to five
+times per file by a budgeted load of a file path (the reference check, the plan, the live guard). This reader
+takes 91 and 29 ms there, holds about one 64 KiB chunk besides what it returns, and parses a file's header once
+per process (cached by path, size, modification time and inode).
 
 This module imports nothing else of edgespec: memory, backends and the core may all use it.
 """
@@ -28,6 +28,10 @@ DEFAULT_ALIGNMENT = 32
 CHUNK = 64 << 10  # bytes read at a time: under glibc's mmap threshold, a short-lived heap block
 SHORT_ARRAY = 4096  # numeric arrays up to this many items keep their values (per-layer hyperparameters)
 MAX_STRING = 16 << 20  # a key or string value longer than this is refused (a chat template is a few KiB)
+MAX_DIMS = 4  # ggml's GGML_MAX_DIMS: llama.cpp refuses a tensor with more
+# the fewest bytes a key (length, type, a 4-byte value) and a tensor's entry (name length, dims, type, offset) take:
+# a header claiming more entries than its file could hold is refused before any is read
+MIN_KEY_BYTES, MIN_TENSOR_BYTES = 8 + 4 + 1, 8 + 4 + 4 + 8
 
 STRING, ARRAY = 8, 9  # GGUF value types that are not scalars
 SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}  # struct codes
@@ -190,7 +194,7 @@ def _parse(r: _Reader) -> Header:
     if version not in VERSIONS:
         raise ValueError(f"GGUF version {version} is not supported")
     n_tensors, n_kv = r.unpack("QQ")
-    if n_tensors > r.size or n_kv > r.size:
+    if n_tensors * MIN_TENSOR_BYTES + n_kv * MIN_KEY_BYTES > r.size:
         raise ValueError(f"absurd counts: {n_tensors} tensors and {n_kv} keys in a file of {r.size} bytes")
     fields: dict = {}
     for _ in range(n_kv):
@@ -202,6 +206,8 @@ def _parse(r: _Reader) -> Header:
     for _ in range(n_tensors):
         name = r.string().decode("utf-8")
         n_dims = r.unpack("I")[0]
+        if n_dims > MAX_DIMS:
+            raise ValueError(f"tensor {name!r} has {n_dims} dimensions (at most {MAX_DIMS})")
         dims = struct.unpack(f"{r.order}{n_dims}Q", r.take(8 * n_dims))
         ggml_type, offset = r.unpack("IQ")
         if ggml_type not in blocks():

@@ -154,11 +154,8 @@ def replay(args) -> None:
     data = json.loads(Path(args.outputs).read_text())
     hid_path = Path(args.outputs).with_suffix(".hidden.npz")
     hidden = np.load(hid_path) if hid_path.exists() else None
-    if args.costs:
-        costs = {int(k): float(v) for k, v in (kv.split(":") for kv in args.costs.split(","))}
-    else:
-        costs = {int(k): float(v) for k, v in (data.get("costs") or {}).items()} or \
-            {int(k): float(v) for k, v in (kv.split(":") for kv in XEON_S9.split(","))}
+    recorded = ",".join(f"{k}:{v}" for k, v in (data.get("costs") or {}).items())
+    costs = {int(k): float(v) for k, v in (kv.split(":") for kv in (args.costs or recorded or XEON_S9).split(","))}
     print(f"c(n): {costs}")
     for spec in args.drafters.split(","):
         for oracle in (False, True) if args.oracle else (False,):

@@ -69,20 +69,27 @@ def test_header_reader_agrees_with_the_gguf_package(smol_path):
 
 
 def test_header_reader_bounds_hostile_headers(tmp_path):
-    """A header that claims more than the file holds, or a string too long to hold, is refused before it is read."""
+    """A header that claims more than the file holds (a string, more entries than its bytes could hold), a string
+    too long to hold or a tensor of too many dimensions is refused before it is read."""
     import struct
 
-    from edgespec.gguf_header import MAX_STRING, problem
+    from edgespec.gguf_header import MAX_DIMS, MAX_STRING, problem
 
-    def gguf(key_length: int, size: int) -> Path:
-        f = tmp_path / f"h{key_length}.gguf"
-        f.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, key_length) + b"k" * 8)
+    def gguf(name: str, body: bytes, size: int) -> Path:
+        f = tmp_path / f"{name}.gguf"
+        f.write_bytes(b"GGUF" + struct.pack("<I", 3) + body)
         with open(f, "r+b") as fh:
             fh.truncate(size)  # sparse: nothing is written past the header
         return f
 
-    assert "past the end" in problem(gguf(1 << 20, 4096))
-    assert f"at most {MAX_STRING}" in problem(gguf(MAX_STRING + 1, MAX_STRING + 4096))
+    def key(length: int) -> bytes:  # no tensor, one key of the claimed length
+        return struct.pack("<QQQ", 0, 1, length) + b"k" * 8
+
+    assert "past the end" in problem(gguf("long", key(1 << 20), 4096))
+    assert f"at most {MAX_STRING}" in problem(gguf("huge", key(MAX_STRING + 1), MAX_STRING + 4096))
+    assert "absurd counts" in problem(gguf("many", struct.pack("<QQ", 4096 // 24 + 1, 0), 4096))  # 24 B each
+    dims = struct.pack("<QQQ", 1, 0, 1) + b"t" + struct.pack("<I", MAX_DIMS + 1)
+    assert f"{MAX_DIMS + 1} dimensions" in problem(gguf("dims", dims, 4096))
 
 
 def test_planner_degrades_then_refuses(qwen_path):

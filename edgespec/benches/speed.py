@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from edgespec import machine, registry
+from edgespec.backends.base import common_prefix
 from edgespec.benches.prompts import load_prompts
 from edgespec.memory.live import peak_rss_bytes
 
@@ -220,13 +221,17 @@ def llama_generate(llm, prompt: list[int], eog: frozenset[int], max_tokens: int,
     return out, (t_first or t_end) - t0, t_end - (t_first or t0)
 
 
-def top2_margin(backend, tokens: list[int]) -> float:
-    """The gap between the two largest logits after ``tokens`` (a prefill from an empty cache, left empty)."""
+def top2_margin(backend, tokens: list[int], mask=None) -> float:
+    """The gap between the two largest logits after ``tokens`` (a prefill from an empty cache, left empty);
+    ``mask``: a function of the logits row that sets what may not come next to -inf (a grammar's), inf when it
+    leaves one token only."""
     backend.truncate(0)
     logits = backend.prefill(tokens).logits[-1]
     backend.truncate(0)
-    top = np.sort(logits)[-2:]
-    return float(top[1] - top[0])
+    if mask is not None:
+        logits = mask(logits)
+    top = np.sort(logits[np.isfinite(logits)])[-2:]
+    return float(top[1] - top[0]) if len(top) == 2 else float("inf")
 
 
 def summarize(results: dict[str, list[Run]], base: str = "plain") -> dict[str, dict]:
@@ -403,8 +408,7 @@ def check_outputs(bench: Bench, prompts, results) -> dict[str, dict]:
             if r.tokens == plain[i].tokens:
                 same += 1
                 continue
-            j = next((k for k, (a, b) in enumerate(zip(r.tokens, plain[i].tokens, strict=False)) if a != b),
-                     min(len(r.tokens), len(plain[i].tokens)))
+            j = common_prefix(r.tokens, plain[i].tokens)
             # the certified margin: plain decoding's top-two gap where the outputs part (a length difference
             # included: there plain decoding chose to stop, or spec did); only a near-tie may part
             margin = bench.margin_at(prompts[i], plain[i].tokens, j)

@@ -25,10 +25,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from edgespec import machine
-from edgespec.benches.speed import NEAR_TIE, llama_generate
+from edgespec.backends.base import common_prefix
+from edgespec.benches.speed import NEAR_TIE, llama_generate, top2_margin
 from edgespec.benches.structured_tasks import TASKS, Task
 from edgespec.generate import Stats, plain_steps, stream
 from edgespec.options import Request
@@ -118,15 +117,9 @@ class Runner:
     def margin_at(self, task: Task, plain: list[int], i: int) -> float:
         """Constrained plain decoding's top-two logit gap after ``plain[:i]``, among the tokens the grammar allows
         there (a prefill from an empty cache; inf where the grammar allows one token only)."""
-        backend = self.rt.backend
-        req = Request(response_format=task.response_format)
-        constraint = Constraint.for_backend(backend, req._grammar)
+        constraint = Constraint.for_backend(self.rt.backend, Request(response_format=task.response_format)._grammar)
         constraint.consume(plain[:i])
-        backend.truncate(0)
-        logits = constraint.masked(backend.prefill(self.prompt(task) + plain[:i]).logits[-1])
-        backend.truncate(0)
-        top = np.sort(logits[np.isfinite(logits)])[-2:]
-        return float(top[1] - top[0]) if len(top) == 2 else float("inf")
+        return top2_margin(self.rt.backend, self.prompt(task) + plain[:i], constraint.masked)
 
     def _grammar(self, task: Task):
         from llama_cpp import LlamaGrammar
@@ -196,8 +189,7 @@ def check_greedy(runner: Runner, tasks: list[Task], answers: list[Answer]) -> di
         if d.ids == p.ids:
             same += 1
             continue
-        j = next((k for k, (a, b) in enumerate(zip(d.ids, p.ids, strict=False)) if a != b),
-                 min(len(d.ids), len(p.ids)))
+        j = common_prefix(d.ids, p.ids)
         margin = runner.margin_at(task, p.ids, j)
         (ties if margin < NEAR_TIE else bad).append({"task": task.name, "token": j, "margin": round(margin, 3)})
     return {"identical": same, "near_ties": ties, "mismatches": bad, "compared": same + len(ties) + len(bad)}

@@ -55,6 +55,7 @@ def ask(client, model: str, task: Task, seed: int | None, max_tokens: int) -> tu
             pass  # not JSON: left as it came, invalid
     return text, choice.finish_reason, r.usage.completion_tokens
 
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgespec.benches.structured_server",
                                 description=__doc__.split("\n\n")[0])
