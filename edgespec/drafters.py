@@ -152,7 +152,7 @@ def make(spec: DraftSpec, target: Backend, model: str, open_backend: Callable[[P
     if spec.kind in ("suffix", "auto"):
         from edgespec.models.drafting.auto import AutoDrafter
 
-        suffix = suffix_drafter(model, history, weights, n_ctx)
+        suffix = suffix_drafter(model, history, weights, n_ctx, target)
         if spec.kind == "suffix":
             return suffix
         head = None
@@ -193,13 +193,16 @@ def weights_key(path: Path) -> str:
     return f"{size}:{h.hexdigest()}"
 
 
-def suffix_drafter(model: str, history: str | None, weights: Path | None, n_ctx: int = 4096):
+def suffix_drafter(model: str, history: str | None, weights: Path | None, n_ctx: int = 4096,
+                   target: Backend | None = None):
     """The suffix drafter, with its history file (a corrupt one or one for other weights is set aside with a
-    notice on stderr)."""
+    notice on stderr) and, given the ``target``, the JSON-escaped views of each prompt."""
     from edgespec.models.drafting.suffix import SuffixDrafter
+    from edgespec.models.drafting.views import json_views
 
     key = weights_key(weights) if history and weights is not None else registry.model_key(model)
-    d = SuffixDrafter(history=history, key=key, context_tokens=n_ctx)
+    d = SuffixDrafter(history=history, key=key, context_tokens=n_ctx,
+                      views=json_views(target) if target is not None else None)
     for line in d.notices:
         print(f"edgespec: {line}", file=sys.stderr)
     return d

@@ -29,7 +29,7 @@ import numpy as np
 
 from edgespec.backends.gguf_file import GgufFile
 from edgespec.controller import controller_for
-from edgespec.models.drafting.drafter import DraftContext, DraftTree, TreeShape, VerifyResult
+from edgespec.models.drafting.drafter import DraftContext, DraftTree, TreeShape, VerifyResult, root_prob
 
 SETS = (("humaneval", 20), ("chat", 20), ("adversarial", 10))
 # c(n) of session 9's HumanEval run (Intel Xeon family 6 model 167, 2 threads), docs/bench/history.md
@@ -48,14 +48,20 @@ def record(args) -> None:
         for k, prompt in enumerate(load_prompts(kind, min(n, args.n or n), bench.target)):
             tokens = bench.run(bench.methods[0], prompt).tokens
             out[kind].append({"prompt": prompt, "out": tokens})
-            if args.hidden:  # row i: the hidden state that produced out[i] (the root of step i)
+            if args.hidden or args.probs:  # row i: the target's outputs that produced out[i] (the root of step i)
                 b = bench.target
                 b.truncate(0)
-                rows = [b.prefill(prompt, want_hidden=True).hidden[0]]
-                if len(tokens) > 1:
-                    rows += list(b.forward(tokens[:-1], [-1] + list(range(len(tokens) - 2))).hidden)
+                first = b.prefill(prompt, want_hidden=args.hidden)
+                rest = b.forward(tokens[:-1], [-1] + list(range(len(tokens) - 2)), want_hidden=args.hidden) \
+                    if len(tokens) > 1 else None
                 b.truncate(0)
-                hidden[f"{kind}_{k}"] = np.stack(rows).astype(np.float16)
+                if args.hidden:
+                    rows = [first.hidden[0]] + (list(rest.hidden) if rest is not None else [])
+                    hidden[f"{kind}_{k}"] = np.stack(rows).astype(np.float16)
+                if args.probs:  # the target's probability of each output token (greedy: its top one)
+                    logits = np.concatenate([first.logits[-1:]] + ([rest.logits] if rest is not None else []))
+                    p = [root_prob(row, t) for row, t in zip(logits, tokens, strict=True)]
+                    out[kind][-1]["p"] = [round(x, 5) for x in p]
             print(kind, k, len(tokens), flush=True)
     bench.close()
     Path(args.out).write_text(json.dumps({"model": args.model, "sets": out}))
@@ -101,8 +107,9 @@ def oracle_cut(tree: DraftTree, truth: list[int], shape: TreeShape) -> DraftTree
     return DraftTree(toks[:k], list(range(-1, k - 1)))
 
 
-def replay_one(drafter, prompt, out, costs, hidden=None, oracle=False) -> tuple[int, float, int]:
-    """(tokens, cost in plain steps, verifies) of one recorded output."""
+def replay_one(drafter, prompt, out, costs, hidden=None, oracle=False, probs=None) -> tuple[int, float, int]:
+    """(tokens, cost in plain steps, verifies) of one recorded output (``probs``: the target's probability of
+    each output token, when recorded)."""
     drafter.reset()
     ctl = controller_for(drafter, costs=dict(costs))
     i, tokens, cost, verifies = 0, 0, 0.0, 0
@@ -113,7 +120,7 @@ def replay_one(drafter, prompt, out, costs, hidden=None, oracle=False) -> tuple[
         if shape.depth:
             h = None if hidden is None else hidden[i].astype(np.float32)
             ask = TreeShape(8, shape.width, 16) if oracle else shape
-            tree = drafter.propose(DraftContext(cached, out[i], h, None), ask)
+            tree = drafter.propose(DraftContext(cached, out[i], h, None, root_p=probs[i] if probs else None), ask)
             if oracle:
                 tree = oracle_cut(tree, truth, shape)
         acc = accepted_path(tree, truth)
@@ -125,6 +132,9 @@ def replay_one(drafter, prompt, out, costs, hidden=None, oracle=False) -> tuple[
         tokens, verifies, i = tokens + len(acc) + 1, verifies + 1, nxt
         cost += ctl.verify_cost(n) / ctl.verify_cost(1)
     return tokens, cost, verifies
+
+
+_TOKENIZER = None  # the target's backend, for the suffix drafter's views (loaded once)
 
 
 def make_drafter(spec: str, model: str):
@@ -143,10 +153,15 @@ def make_drafter(spec: str, model: str):
         raise SystemExit(f"replay knows ngram, suffix and redrafter[:path][+gate], not {spec!r}")
     if d.kind == "ngram":
         return NgramDrafter()
-    if d.kind == "suffix":
+    if d.kind == "suffix":  # as the runtime makes it: with the JSON-escaped views of each prompt
+        from edgespec.backends.llama_cpp import LlamaCppBackend
         from edgespec.models.drafting.suffix import SuffixDrafter
+        from edgespec.models.drafting.views import json_views
 
-        return SuffixDrafter()
+        global _TOKENIZER
+        if _TOKENIZER is None:
+            _TOKENIZER = LlamaCppBackend(registry.resolve(model), n_ctx=512, n_threads=1)
+        return SuffixDrafter(views=json_views(_TOKENIZER))
     return ReDrafter(Path(d.arg), GgufFile(registry.resolve(model)), self_gating=m.gate)
 
 
@@ -166,7 +181,7 @@ def replay(args) -> None:
                 per, tpv = [], []
                 for k, x in enumerate(data["sets"][kind]):
                     h = hidden[f"{kind}_{k}"] if d.needs_hidden else None
-                    tok, cost, ver = replay_one(d, x["prompt"], x["out"], costs, h, oracle)
+                    tok, cost, ver = replay_one(d, x["prompt"], x["out"], costs, h, oracle, x.get("p"))
                     per.append(tok / cost if cost else 1.0)
                     tpv.append(tok / max(ver, 1))
                 q = np.percentile(per, [25, 50, 75])
@@ -182,6 +197,7 @@ def main() -> None:
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--max-tokens", type=int, default=128)
     r.add_argument("--hidden", action="store_true", help="also keep hidden states (for ReDrafter replay)")
+    r.add_argument("--probs", action="store_true", help="also keep the target's probability of each output token")
     r.add_argument("--n", type=int, default=None, help="at most this many prompts per set (default: the bench's)")
     r.add_argument("--sets", default=None, help="set:n,... (default: humaneval:20,chat:20,adversarial:10)")
     r.add_argument("--out", required=True)

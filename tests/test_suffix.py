@@ -1,6 +1,8 @@
 """The suffix drafter: what it proposes from its indexes (this request, a prediction, earlier requests), the bounded
 cross-request index, its history file, and greedy identity with plain decoding on a real model."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from edgespec.models.drafting.auto import AutoDrafter
 from edgespec.models.drafting.drafter import DraftContext, TreeShape, VerifyResult
 from edgespec.models.drafting.prediction import PredictionDrafter
 from edgespec.models.drafting.suffix import SuffixConfig, SuffixDrafter, SuffixIndex
+from edgespec.models.drafting.views import JsonViews
 
 FREE = TreeShape(depth=16, width=4, max_nodes=16)  # no verify costs: every node with some chance is kept
 # marginal verify costs in plain steps, as on a 2-core Xeon (c(2) ~1.5, c(4) ~1.7, c(8) ~2.9)
@@ -120,6 +123,19 @@ def test_always_wrong_drafts_stop_within_a_few_steps():
     assert drafted <= 10
 
 
+def test_a_root_the_target_was_unsure_of_lowers_the_drafts_chances():
+    h = [1, 2] + LEAD + SPAN + [3, 4, 5] + LEAD
+    chances = []
+    for p in (1.0, 0.9, 0.3):
+        tree = SuffixDrafter().propose(DraftContext(h[:-1], h[-1], None, None, root_p=p), FREE)
+        chances.append(tree.p[0])
+    assert chances[0] > chances[1] > chances[2]
+    logits = np.zeros(50, np.float32)
+    logits[7] = 3.0
+    ctx = DraftContext(h[:-1], 7, None, logits)
+    assert ctx.confidence() == pytest.approx(np.exp(3.0) / (np.exp(3.0) + 49))  # worked out from the logits
+
+
 def test_the_history_file_round_trips_and_is_keyed_to_the_weights(tmp_path):
     path = tmp_path / "h.npz"
     d = SuffixDrafter(history=path, key="w1")
@@ -173,6 +189,69 @@ def test_auto_and_suffix_specs_make_the_suffix_drafter(tmp_path):
     assert isinstance(suffix, SuffixDrafter) and suffix.key == drafters.weights_key(weights)
     parts = drafters.planned_footprint(drafters.parse("auto", model))(4096, "f16", 512)
     assert parts["suffix_index"] >= suffix.footprint()["max"] > 0
+
+
+CONTROL = 0  # the character tokenizer's control token (no bytes)
+FILE = ('def indent(text, prefix):\n    """Add \'prefix\' to each line."""\n'
+        '    return "".join(prefix + l for l in text)\n')
+
+
+def chars(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+def piece(token: int) -> bytes:
+    return b"" if token == CONTROL else chr(token).encode()
+
+
+def test_json_views_escape_each_span_between_control_tokens():
+    views = JsonViews(chars, piece, min_chars=8)
+    short, plain = "a\nb", "no escapes in this span at all"
+    docs = views([CONTROL] + chars(FILE) + [CONTROL] + chars(short) + [CONTROL] + chars(plain) + [CONTROL])
+    assert docs == [chars(json.dumps(FILE)[1:-1])]  # only the span that escaping changes and that is long enough
+    assert "\\n" in json.dumps(FILE)[1:-1] and '\\"' in json.dumps(FILE)[1:-1]
+    bounded = JsonViews(chars, piece, min_chars=8, max_chars=20)(chars(FILE) + [CONTROL] + chars(FILE))
+    assert len(bounded) == 1 and bounded[0] == chars(json.dumps(FILE[-20:])[1:-1])  # the newest text, cut
+
+
+def test_a_growing_conversation_tokenizes_only_its_new_views():
+    calls = []
+    views = JsonViews(lambda text: calls.append(text) or chars(text), piece, min_chars=8)
+    d = SuffixDrafter(views=views)
+    turn1 = [CONTROL] + chars(FILE) + [CONTROL]
+    turn2 = turn1 + chars("and again:\n" + FILE) + [CONTROL]
+    propose(d, turn1 + [5])
+    first = d.view_index
+    d.reset()
+    propose(d, turn2 + [5])
+    assert len(calls) == 2 and calls[1].startswith("and again")  # the first turn's view was not tokenized again
+    assert d.view_index is first and len(d.view_index.docs) == 2  # and not indexed again
+    d.reset()
+    propose(d, [CONTROL] + chars("another prompt,\nnothing shared") + [CONTROL, 5])
+    assert d.view_index is not first and len(d.view_index.docs) == 1
+
+
+def test_a_file_read_raw_is_drafted_in_its_json_escaped_spelling():
+    """An agent writes back the file it read inside a JSON string: without the views the draft stops at the first
+    escaped line end; with them it continues through the escaped lines."""
+    escaped = json.dumps(FILE)[1:-1]
+    cut = escaped.index("\\n") + 2  # the output so far: the call up to the end of the file's first line
+    history = [CONTROL] + chars(FILE) + [CONTROL] + chars('{"name": "write_file", "content": "' + escaped[:cut])
+    rest = chars(escaped[cut:])
+    with_views = SuffixDrafter(views=JsonViews(chars, piece))
+    assert chain(propose(with_views, history))[:12] == rest[:12]
+    without = chain(propose(SuffixDrafter(), history))
+    assert without[:12] != rest[:12]
+
+
+def test_json_views_of_a_real_tokenizer_spell_the_escaped_text(smol):
+    from edgespec.models.drafting.views import json_views
+
+    text = FILE * 2
+    prompt = smol.tokenize("<|im_start|>user\n" + text + "<|im_end|>", add_special=False)
+    docs = json_views(smol)(prompt)
+    assert len(docs) == 1
+    assert b"".join(smol.token_bytes(t) for t in docs[0]).decode() == json.dumps("user\n" + text)[1:-1]
 
 
 REPEAT = ("Copy this list exactly, twice:\nalpha = [3, 1, 4, 1, 5, 9, 2, 6]\nbeta = [2, 7, 1, 8, 2, 8]\n"

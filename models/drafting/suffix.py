@@ -1,8 +1,9 @@
 """Suffix drafting (SuffixDecoding, Oliaro et al. 2025): draft from everything the model has already seen and said.
 
-Two kinds of ``SuffixIndex``: one over this request (prompt and output so far, plus a caller's prediction in an
-index of its own) and one over earlier requests of the same runtime (their prompts and outputs, at most
-``history_tokens`` tokens, the least recently used request out first), optionally kept on disk (``draft_history``).
+Two kinds of ``SuffixIndex``: one over this request (prompt and output so far, plus a caller's prediction and the
+prompt's other spellings, ``views.JsonViews``, in indexes of their own) and one over earlier requests of the same
+runtime (their prompts and outputs, at most ``history_tokens`` tokens, the least recently used request out first),
+optionally kept on disk (``draft_history``).
 
 An index keeps its tokens in one flat list (each document after a -1) and maps the hash of every n-gram (n in
 ``KEYS``) to its most recent end positions. A proposal looks up the longest key the context's suffix hits, extends
@@ -23,6 +24,7 @@ import math
 import os
 from bisect import bisect_right
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,8 +36,8 @@ from edgespec.models.drafting.redrafter import save_npz_atomic
 KEYS = (1, 2, 4, 8)  # n-gram lengths indexed
 MAX_LEAVES = 8  # the llama.cpp backend verifies trees of at most 8 leaves
 BYTES_PER_TOKEN = 400  # an index's resident bytes per indexed token, measured by scripts/suffix_overhead.py
-FORMAT_VERSION = 1
-SOURCES = ("request", "prediction", "history")
+FORMAT_VERSION = 2
+SOURCES = ("request", "prediction", "history", "view")
 
 
 class SuffixIndex:
@@ -157,13 +159,15 @@ class SuffixIndex:
 CTX_EDGES = (3, 6, 12)  # context length buckets: 1-2, 3-5, 6-11, 12+
 RAW_EDGES = (0.3, 0.55, 0.8, 0.999)  # raw probability buckets
 SUPPORT_EDGES = (2, 5)  # occurrences behind the estimate: 1, 2-4, 5+
-N_BINS = len(SOURCES) * 4 * 5 * 3
+CONF_EDGES = (0.8, 0.99)  # the target's probability of the root: unsure, sure, certain (unknown: certain)
+N_BINS = len(SOURCES) * 4 * 5 * 3 * 3
 
 
 # a node's acceptance before anything is observed: its raw probability, discounted for a short context and for
 # few occurrences
 CTX_PRIOR = (0.4, 0.6, 0.8, 0.9)
 SUPPORT_PRIOR = (0.85, 0.95, 1.0)
+CONF_PRIOR = (0.8, 0.95, 1.0)
 
 
 @dataclass
@@ -177,10 +181,10 @@ class Calibration:
     trials: list[float] = field(default_factory=lambda: [0.0] * N_BINS)
 
     @staticmethod
-    def bin(src: int, ctx_len: int, raw: float, support: int) -> tuple[int, float]:
-        """The bin of a node, and its prior."""
+    def bin(src: int, ctx_len: int, raw: float, support: int, conf: int = 2) -> tuple[int, float]:
+        """The bin of a node, and its prior (``conf``: the bucket of the target's confidence in the root)."""
         c, r, s = bisect_right(CTX_EDGES, ctx_len), bisect_right(RAW_EDGES, raw), bisect_right(SUPPORT_EDGES, support)
-        return ((src * 4 + c) * 5 + r) * 3 + s, raw * CTX_PRIOR[c] * SUPPORT_PRIOR[s]
+        return (((src * 4 + c) * 5 + r) * 3 + s) * 3 + conf, raw * CTX_PRIOR[c] * SUPPORT_PRIOR[s] * CONF_PRIOR[conf]
 
     def rate(self, b: int, base: float) -> float:
         return (self.hits[b] + self.weight * base) / (self.trials[b] + self.weight)
@@ -223,8 +227,9 @@ class SuffixDrafter:
     default_width = 4
 
     def __init__(self, cfg: SuffixConfig | None = None, history: str | os.PathLike | None = None, key: str = "",
-                 context_tokens: int = 4096):
+                 context_tokens: int = 4096, views: Callable[[list[int]], list[list[int]]] | None = None):
         self.cfg = cfg or SuffixConfig()
+        self.views = views  # other spellings of a prompt's text (``views.JsonViews``), indexed per request
         self.path = Path(history).expanduser() if history else None
         self.key = key  # the model's weights: a history saved for others is not used
         self.context_tokens = context_tokens
@@ -238,6 +243,8 @@ class SuffixDrafter:
         self._last: tuple[DraftTree, list[_Node], list[int]] | None = None
         self.request_index = SuffixIndex(None, self.cfg.max_positions)
         self.prediction_index = SuffixIndex(None, self.cfg.max_positions)
+        self.view_index = SuffixIndex(None, self.cfg.max_positions)
+        self._view_docs: list[list[int]] = []  # what the view index holds
         self.history: list[int] = []
         self.reset()
 
@@ -283,22 +290,44 @@ class SuffixDrafter:
             self.history, self.request_index = [], SuffixIndex(None, self.cfg.max_positions)
             self.request_index.open()
             new = cached + [root]
+            if self.views is not None:
+                self._index_views(cached)
         self.history.extend(new)
         self.request_index.append(new)
+
+    def _index_views(self, prompt: list[int]) -> None:
+        """Index the other spellings of a new prompt's text: only the new ones when the prompt extends the last
+        (a conversation's next turn), all again otherwise."""
+        docs = self.views(prompt)
+        old = self._view_docs
+        if len(docs) < len(old) or any(a is not b for a, b in zip(old, docs, strict=False)):
+            self.view_index, old = SuffixIndex(None, self.cfg.max_positions), []
+        for doc in docs[len(old):]:
+            self.view_index.add(doc)
+        self._view_docs = docs
 
     # ---- drafting -------------------------------------------------------------------------------------------
     def propose(self, ctx: DraftContext, shape: TreeShape) -> DraftTree:
         self._sync(ctx.cached, ctx.root)
         self._last = None
         best: tuple[float, DraftTree, list[_Node], list[int]] | None = None
-        for src, index in enumerate((self.request_index, self.prediction_index, self.global_index)):
+        conf = None
+        own = 0  # the longest match in the request's own spelling
+        for src, index in enumerate((self.request_index, self.prediction_index, self.global_index, self.view_index)):
             if not index.live:
                 continue
             occ = index.match(self.history, self.cfg.max_match)
             if not occ:
                 continue
             length = max(m for _, m in occ)
-            nodes, first = self._grow(index, [e for e, m in occ if m == length], length, src, shape)
+            if src == 0:
+                own = length
+            elif src == 3 and length <= own:  # another spelling counts where it matches more of the context
+                continue
+            if conf is None:  # the target's probability of the root (a softmax: only once there is a match)
+                p = ctx.confidence()
+                conf = len(CONF_EDGES) if p is None else bisect_right(CONF_EDGES, p)
+            nodes, first = self._grow(index, [e for e, m in occ if m == length], length, src, shape, conf)
             keep = shape.keep([n.p for n in nodes])
             if not keep:  # not worth its rows: decode plainly, and let the bin drift back to its prior
                 if first >= 0:
@@ -317,7 +346,7 @@ class SuffixDrafter:
         return tree
 
     def _grow(self, index: SuffixIndex, ends: list[int], length: int, src: int,
-              shape: TreeShape) -> tuple[list[_Node], int]:
+              shape: TreeShape, conf: int = len(CONF_EDGES)) -> tuple[list[_Node], int]:
         """Best-first tree from the continuations of the occurrences ending at ``ends`` (parents first, by
         calibrated path probability), and the bin of its most likely first node (-1: none)."""
         cfg, cal, toks = self.cfg, self.calibration, index.tokens
@@ -339,7 +368,7 @@ class SuffixDrafter:
                 r = c / support
                 if raw * r < cfg.min_token_prob:
                     break
-                b, base = cal.bin(src, length + depth - 1, r, support)
+                b, base = cal.bin(src, length + depth - 1, r, support, conf)
                 pp = p * cal.rate(b, base)
                 nxt = [q + 1 for q in positions if q < n_toks and toks[q] == tok]
                 tie += 1
@@ -419,7 +448,7 @@ class SuffixDrafter:
         save_npz_atomic(self.path, arrays)
 
     def footprint(self) -> dict[str, int]:
-        now = sum(i.nbytes() for i in (self.request_index, self.prediction_index, self.global_index))
+        now = sum(i.nbytes() for i in (self.request_index, self.prediction_index, self.global_index, self.view_index))
         return {"now": now, "max": max(now, declared_bytes(self.cfg, self.context_tokens))}
 
     def close(self) -> None:
@@ -434,5 +463,5 @@ class SuffixDrafter:
 
 def declared_bytes(cfg: SuffixConfig, n_ctx: int) -> int:
     """What the memory planner counts for a suffix drafter: a full cross-request index (with as many evicted
-    tokens again, before they are compacted away) and a request of ``n_ctx`` tokens."""
-    return BYTES_PER_TOKEN * (2 * cfg.history_tokens + n_ctx)
+    tokens again, before they are compacted away), a request of ``n_ctx`` tokens and its prompt's views."""
+    return BYTES_PER_TOKEN * (2 * cfg.history_tokens + 2 * n_ctx)
