@@ -18,6 +18,7 @@ from pathlib import Path
 from edgespec import registry
 from edgespec.models.drafting.drafter import DraftContext, TreeShape, VerifyResult
 from edgespec.models.drafting.suffix import SuffixDrafter
+from edgespec.models.drafting.views import JsonViews
 
 # marginal verify costs in plain steps, as on a 2-core Xeon (c(2) ~1.5, c(4) ~1.7, c(8) ~2.9)
 SHAPE = TreeShape(depth=16, width=4, max_nodes=16, node_cost=(0.5, 0.15, 0.05, 0.3, 0.3, 0.3, 0.3, 0.3) + (0.2,) * 8)
@@ -96,6 +97,20 @@ def main() -> None:
         spent, gen, acc = spent + s, gen + g, acc + k
     print(f"drafting + index updates: {spent / gen * 1e3:.4f} ms per generated token over {gen} tokens "
           f"({a.requests} requests, {acc / gen:.0%} of tokens accepted from drafts); index now {d.global_index.live}")
+    # the prompt's JSON-escaped views: once per request, for a conversation that grows by a turn
+    piece = lambda t: llm.detokenize([t], special=False)  # noqa: E731
+    v = SuffixDrafter(views=JsonViews(tokenize, piece))
+    turns = docs[:3]
+    prompt, times = [], []
+    for turn in turns:
+        prompt = prompt + [llm.token_eos()] + turn
+        t0 = time.perf_counter()
+        v.reset()
+        v.propose(DraftContext(prompt, prompt[-1], None, None), SHAPE)
+        times.append(time.perf_counter() - t0)
+    print(f"a conversation's views: turn 1 ({len(turns[0])} tokens) {times[0] * 1e3:.1f} ms, then "
+          + ", ".join(f"{t * 1e3:.1f} ms" for t in times[1:]) + f" as it grows to {len(prompt)} tokens "
+          f"(the view index then holds {v.view_index.live} tokens)")
 
 
 if __name__ == "__main__":
