@@ -29,7 +29,7 @@ import numpy as np
 
 from edgespec.backends.gguf_file import GgufFile
 from edgespec.controller import controller_for
-from edgespec.models.drafting.drafter import DraftContext, DraftTree, TreeShape, VerifyResult, root_prob
+from edgespec.models.drafting.drafter import DraftContext, DraftTree, TreeShape, VerifyResult
 
 SETS = (("humaneval", 20), ("chat", 20), ("adversarial", 10))
 # c(n) of session 9's HumanEval run (Intel Xeon family 6 model 167, 2 threads), docs/bench/history.md
@@ -67,6 +67,12 @@ def record(args) -> None:
     Path(args.out).write_text(json.dumps({"model": args.model, "sets": out}))
     if args.hidden:
         np.savez(Path(args.out).with_suffix(".hidden.npz"), **hidden)
+
+
+def root_prob(logits: np.ndarray, token: int) -> float:
+    """The probability a row of target logits gives ``token`` (its softmax)."""
+    m = logits.max()
+    return float(np.exp(logits[token] - m) / np.exp(logits - m, dtype=np.float32).sum())
 
 
 def from_bench(args) -> None:
@@ -107,9 +113,8 @@ def oracle_cut(tree: DraftTree, truth: list[int], shape: TreeShape) -> DraftTree
     return DraftTree(toks[:k], list(range(-1, k - 1)))
 
 
-def replay_one(drafter, prompt, out, costs, hidden=None, oracle=False, probs=None) -> tuple[int, float, int]:
-    """(tokens, cost in plain steps, verifies) of one recorded output (``probs``: the target's probability of
-    each output token, when recorded)."""
+def replay_one(drafter, prompt, out, costs, hidden=None, oracle=False) -> tuple[int, float, int]:
+    """(tokens, cost in plain steps, verifies) of one recorded output."""
     drafter.reset()
     ctl = controller_for(drafter, costs=dict(costs))
     i, tokens, cost, verifies = 0, 0, 0.0, 0
@@ -120,7 +125,7 @@ def replay_one(drafter, prompt, out, costs, hidden=None, oracle=False, probs=Non
         if shape.depth:
             h = None if hidden is None else hidden[i].astype(np.float32)
             ask = TreeShape(8, shape.width, 16) if oracle else shape
-            tree = drafter.propose(DraftContext(cached, out[i], h, None, root_p=probs[i] if probs else None), ask)
+            tree = drafter.propose(DraftContext(cached, out[i], h, None), ask)
             if oracle:
                 tree = oracle_cut(tree, truth, shape)
         acc = accepted_path(tree, truth)
@@ -181,7 +186,7 @@ def replay(args) -> None:
                 per, tpv = [], []
                 for k, x in enumerate(data["sets"][kind]):
                     h = hidden[f"{kind}_{k}"] if d.needs_hidden else None
-                    tok, cost, ver = replay_one(d, x["prompt"], x["out"], costs, h, oracle, x.get("p"))
+                    tok, cost, ver = replay_one(d, x["prompt"], x["out"], costs, h, oracle)
                     per.append(tok / cost if cost else 1.0)
                     tpv.append(tok / max(ver, 1))
                 q = np.percentile(per, [25, 50, 75])

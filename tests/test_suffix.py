@@ -123,19 +123,6 @@ def test_always_wrong_drafts_stop_within_a_few_steps():
     assert drafted <= 10
 
 
-def test_a_root_the_target_was_unsure_of_lowers_the_drafts_chances():
-    h = [1, 2] + LEAD + SPAN + [3, 4, 5] + LEAD
-    chances = []
-    for p in (1.0, 0.9, 0.3):
-        tree = SuffixDrafter().propose(DraftContext(h[:-1], h[-1], None, None, root_p=p), FREE)
-        chances.append(tree.p[0])
-    assert chances[0] > chances[1] > chances[2]
-    logits = np.zeros(50, np.float32)
-    logits[7] = 3.0
-    ctx = DraftContext(h[:-1], 7, None, logits)
-    assert ctx.confidence() == pytest.approx(np.exp(3.0) / (np.exp(3.0) + 49))  # worked out from the logits
-
-
 def test_the_history_file_round_trips_and_is_keyed_to_the_weights(tmp_path):
     path = tmp_path / "h.npz"
     d = SuffixDrafter(history=path, key="w1")

@@ -93,19 +93,6 @@ class DraftContext:
     hidden: np.ndarray | None  # target's post-norm hidden state at the position that produced the root
     logits: np.ndarray | None  # target's logits at that position
     sampling: bool = False  # the target samples (a drafter may then propose with a distribution q)
-    root_p: float | None = None  # the target's probability of the root (worked out from ``logits`` on demand)
-
-    def confidence(self) -> float | None:
-        """The target's probability of the root token: how sure it was of its newest token (None: no logits)."""
-        if self.root_p is None and self.logits is not None:
-            self.root_p = root_prob(self.logits, self.root)
-        return self.root_p
-
-
-def root_prob(logits: np.ndarray, token: int) -> float:
-    """The probability a row of target logits gives ``token`` (its softmax, worked out in float32)."""
-    m = logits.max()
-    return float(np.exp(logits[token] - m) / np.exp(logits - m, dtype=np.float32).sum())
 
 
 @dataclass

@@ -159,15 +159,13 @@ class SuffixIndex:
 CTX_EDGES = (3, 6, 12)  # context length buckets: 1-2, 3-5, 6-11, 12+
 RAW_EDGES = (0.3, 0.55, 0.8, 0.999)  # raw probability buckets
 SUPPORT_EDGES = (2, 5)  # occurrences behind the estimate: 1, 2-4, 5+
-CONF_EDGES = (0.8, 0.99)  # the target's probability of the root: unsure, sure, certain (unknown: certain)
-N_BINS = len(SOURCES) * 4 * 5 * 3 * 3
+N_BINS = len(SOURCES) * 4 * 5 * 3
 
 
 # a node's acceptance before anything is observed: its raw probability, discounted for a short context and for
 # few occurrences
 CTX_PRIOR = (0.4, 0.6, 0.8, 0.9)
 SUPPORT_PRIOR = (0.85, 0.95, 1.0)
-CONF_PRIOR = (0.8, 0.95, 1.0)
 
 
 @dataclass
@@ -181,10 +179,10 @@ class Calibration:
     trials: list[float] = field(default_factory=lambda: [0.0] * N_BINS)
 
     @staticmethod
-    def bin(src: int, ctx_len: int, raw: float, support: int, conf: int = 2) -> tuple[int, float]:
-        """The bin of a node, and its prior (``conf``: the bucket of the target's confidence in the root)."""
+    def bin(src: int, ctx_len: int, raw: float, support: int) -> tuple[int, float]:
+        """The bin of a node, and its prior."""
         c, r, s = bisect_right(CTX_EDGES, ctx_len), bisect_right(RAW_EDGES, raw), bisect_right(SUPPORT_EDGES, support)
-        return (((src * 4 + c) * 5 + r) * 3 + s) * 3 + conf, raw * CTX_PRIOR[c] * SUPPORT_PRIOR[s] * CONF_PRIOR[conf]
+        return ((src * 4 + c) * 5 + r) * 3 + s, raw * CTX_PRIOR[c] * SUPPORT_PRIOR[s]
 
     def rate(self, b: int, base: float) -> float:
         return (self.hits[b] + self.weight * base) / (self.trials[b] + self.weight)
@@ -311,7 +309,6 @@ class SuffixDrafter:
         self._sync(ctx.cached, ctx.root)
         self._last = None
         best: tuple[float, DraftTree, list[_Node], list[int]] | None = None
-        conf = None
         own = 0  # the longest match in the request's own spelling
         for src, index in enumerate((self.request_index, self.prediction_index, self.global_index, self.view_index)):
             if not index.live:
@@ -324,10 +321,7 @@ class SuffixDrafter:
                 own = length
             elif src == 3 and length <= own:  # another spelling counts where it matches more of the context
                 continue
-            if conf is None:  # the target's probability of the root (a softmax: only once there is a match)
-                p = ctx.confidence()
-                conf = len(CONF_EDGES) if p is None else bisect_right(CONF_EDGES, p)
-            nodes, first = self._grow(index, [e for e, m in occ if m == length], length, src, shape, conf)
+            nodes, first = self._grow(index, [e for e, m in occ if m == length], length, src, shape)
             keep = shape.keep([n.p for n in nodes])
             if not keep:  # not worth its rows: decode plainly, and let the bin drift back to its prior
                 if first >= 0:
@@ -346,7 +340,7 @@ class SuffixDrafter:
         return tree
 
     def _grow(self, index: SuffixIndex, ends: list[int], length: int, src: int,
-              shape: TreeShape, conf: int = len(CONF_EDGES)) -> tuple[list[_Node], int]:
+              shape: TreeShape) -> tuple[list[_Node], int]:
         """Best-first tree from the continuations of the occurrences ending at ``ends`` (parents first, by
         calibrated path probability), and the bin of its most likely first node (-1: none)."""
         cfg, cal, toks = self.cfg, self.calibration, index.tokens
@@ -368,7 +362,7 @@ class SuffixDrafter:
                 r = c / support
                 if raw * r < cfg.min_token_prob:
                     break
-                b, base = cal.bin(src, length + depth - 1, r, support, conf)
+                b, base = cal.bin(src, length + depth - 1, r, support)
                 pp = p * cal.rate(b, base)
                 nxt = [q + 1 for q in positions if q < n_toks and toks[q] == tok]
                 tie += 1
