@@ -198,7 +198,9 @@ def test_json_views_escape_each_span_between_control_tokens():
     assert docs == [chars(json.dumps(FILE)[1:-1])]  # only the span that escaping changes and that is long enough
     assert "\\n" in json.dumps(FILE)[1:-1] and '\\"' in json.dumps(FILE)[1:-1]
     bounded = JsonViews(chars, piece, min_chars=8, max_chars=20)(chars(FILE) + [CONTROL] + chars(FILE))
-    assert len(bounded) == 1 and bounded[0] == chars(json.dumps(FILE[-20:])[1:-1])  # the newest text, cut
+    assert bounded == [chars(json.dumps(FILE[-20:])[1:-1][-20:])]  # the newest text, cut to 20 escaped characters
+    controls = "\x01" * 40  # escaping makes each of them six characters
+    assert JsonViews(chars, piece, min_chars=8, max_chars=60)(chars(controls)) == [chars("\\u0001" * 10)]
 
 
 def test_a_growing_conversation_tokenizes_only_its_new_views():

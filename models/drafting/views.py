@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MIN_CHARS = 64  # shorter spans are not worth a document (a JSON key, a file name)
-MAX_CHARS = 1 << 18  # the text escaped per prompt, at most (a 4k-token context holds ~16k characters)
+MAX_CHARS = 1 << 17  # escaped characters tokenized per prompt, at most (a 4k-token context holds ~16k characters)
 
 
 @dataclass
@@ -27,11 +27,11 @@ class JsonViews:
     piece: Callable[[int], bytes]
     min_chars: int = MIN_CHARS
     max_chars: int = MAX_CHARS
-    _last: dict[bytes, list[int]] = field(default_factory=dict)
+    _last: dict[str, list[int]] = field(default_factory=dict)  # escaped span -> its tokens
 
     def __call__(self, tokens: list[int]) -> list[list[int]]:
         """The escaped spelling of each span of ``tokens`` that escaping changes, as token lists in the text's
-        order (the last ``max_chars`` characters of text at most)."""
+        order (``max_chars`` escaped characters at most, the newest: escaping can make a text six times longer)."""
         spans, span = [], bytearray()
         for t in tokens:
             b = self.piece(t)
@@ -47,15 +47,14 @@ class JsonViews:
             if len(raw) < self.min_chars:  # (bytes: at least as many as characters)
                 continue
             text = raw.decode("utf-8", "replace")[-left:]
-            key = text.encode()
-            doc = self._last.get(key)
+            escaped = json.dumps(text, ensure_ascii=False)[1:-1][-left:]
+            doc = self._last.get(escaped)
             if doc is None:
-                escaped = json.dumps(text, ensure_ascii=False)[1:-1]
                 doc = self.tokenize(escaped) if escaped != text else []
-            seen[key] = doc
+            seen[escaped] = doc
             if doc:
                 out.append(doc)
-            left -= len(text)
+            left -= len(escaped)
             if left <= 0:
                 break
         self._last = seen
