@@ -241,6 +241,8 @@ def test_json_views_of_a_real_tokenizer_spell_the_escaped_text(smol):
     docs = json_views(smol)(prompt)
     assert len(docs) == 1
     assert b"".join(smol.token_bytes(t) for t in docs[0]).decode() == json.dumps("user\n" + text)[1:-1]
+    made = drafters.make(drafters.parse("auto", "smollm2-135m"), smol, "smollm2-135m", None)
+    assert made.sources[0].views is not None  # the runtime's suffix drafter reads its target's views
 
 
 REPEAT = ("Copy this list exactly, twice:\nalpha = [3, 1, 4, 1, 5, 9, 2, 6]\nbeta = [2, 7, 1, 8, 2, 8]\n"
