@@ -194,6 +194,65 @@ def replay(args) -> None:
                       f"tokens/verify {np.mean(tpv):.2f}", flush=True)
 
 
+def gating(args) -> None:
+    """How well could any gating rule do? Every step where the suffix drafter has a match: its chain (up to 16
+    nodes, ungated), how much of it the target accepts, and the features a rule could use (match length, the
+    drafter's prior chance of its first node, the target's probability of the root when recorded with --probs).
+    Prints the chance of going on copying per match length and depth, and the gain (plain steps saved) of perfect
+    gating against the best fixed rule per feature bucket, fitted on the same data (an upper bound for rules)."""
+    from collections import defaultdict
+
+    from edgespec.models.drafting.suffix import SuffixDrafter
+
+    data = json.loads(Path(args.outputs).read_text())
+    costs = {int(k): float(v) for k, v in (kv.split(":") for kv in (args.costs or XEON_S9).split(","))}
+    ks = sorted(costs)
+    env = [min(float(np.interp(m, ks, [costs[k] for k in ks])) for m in range(n, 18)) for n in range(18)]
+    rows = []
+    for items in data["sets"].values():
+        d = SuffixDrafter()
+        for x in items:
+            d.reset()
+            prompt, out, probs = x["prompt"], x["out"], x.get("p")
+            for i in range(len(out) - 1):
+                d._sync(prompt + out[:i], out[i])
+                occ = d.request_index.match(d.history, d.cfg.max_match)
+                if not occ:
+                    continue
+                length = max(m for _, m in occ)
+                nodes, _ = d._grow(d.request_index, [e for e, m in occ if m == length], length, 0,
+                                   TreeShape(16, 1, 16))
+                if nodes:
+                    tree = DraftTree([n.token for n in nodes], [n.parent for n in nodes])
+                    rows.append({"L": length, "p0": nodes[0].p, "pr": probs[i] if probs else 1.0, "n": len(nodes),
+                                 "acc": len(accepted_path(tree, out[i + 1:]))})
+
+    def gain(r, k):  # draft the chain's first k nodes
+        k = min(k, r["n"])
+        return min(r["acc"], k) - (env[k + 1] - 1) if k else 0.0
+
+    print(f"{len(rows)} steps with a match; c(n): {costs}")
+    for lo, hi in ((1, 2), (2, 3), (3, 4), (4, 6), (6, 8), (8, 12), (12, 33)):
+        g = [r for r in rows if lo <= r["L"] < hi]
+        line = []
+        for depth in range(1, 7):
+            tried = [r for r in g if r["n"] >= depth and r["acc"] >= depth - 1]
+            if len(tried) >= 5:
+                line.append(f"d{depth} {np.mean([r['acc'] >= depth for r in tried]):.2f}")
+        print(f"match {lo}-{hi - 1} ({len(g)} steps): chance of going on copying " + ", ".join(line))
+    perfect = sum(max(gain(r, k) for k in range(17)) for r in rows)
+    rules = {"match length": lambda r: min(r["L"], 12),
+             "match length, first node's chance": lambda r: (min(r["L"], 12), round(r["p0"] * 5)),
+             "+ target's root probability": lambda r: (min(r["L"], 12), round(r["p0"] * 5), r["pr"] > 0.9)}
+    for name, key in rules.items():
+        groups = defaultdict(list)
+        for r in rows:
+            groups[key(r)].append(r)
+        best = sum(max(sum(gain(r, k) for r in g) for k in range(17)) for g in groups.values())
+        print(f"best fixed rule on {name}: {best:.0f} plain steps saved of perfect gating's {perfect:.0f} "
+              f"({best / perfect:.0%})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -212,11 +271,14 @@ def main() -> None:
     p.add_argument("--costs", default=None,
                    help="c(n) as n:cost,... in single steps (default: the recorded run's, else session 9's Xeon)")
     p.add_argument("--oracle", action="store_true", help="also replay with perfect gating")
+    g = sub.add_parser("gating", help="how well any gating rule of the suffix drafter could do on recorded outputs")
+    g.add_argument("outputs")
+    g.add_argument("--costs", default=None, help="c(n) as n:cost,... (default: session 9's Xeon)")
     b = sub.add_parser("from-bench", help="outputs and prompts from a speed bench's results.json")
     b.add_argument("results")
     b.add_argument("--out", required=True)
     args = ap.parse_args()
-    {"record": record, "replay": replay, "from-bench": from_bench}[args.cmd](args)
+    {"record": record, "replay": replay, "from-bench": from_bench, "gating": gating}[args.cmd](args)
 
 
 if __name__ == "__main__":
