@@ -170,12 +170,17 @@ def make_drafter(spec: str, model: str):
     return ReDrafter(Path(d.arg), GgufFile(registry.resolve(model)), self_gating=m.gate)
 
 
+def parse_costs(text: str) -> dict[int, float]:
+    """A c(n) table from ``n:cost,...``."""
+    return {int(k): float(v) for k, v in (kv.split(":") for kv in text.split(","))}
+
+
 def replay(args) -> None:
     data = json.loads(Path(args.outputs).read_text())
     hid_path = Path(args.outputs).with_suffix(".hidden.npz")
     hidden = np.load(hid_path) if hid_path.exists() else None
     recorded = ",".join(f"{k}:{v}" for k, v in (data.get("costs") or {}).items())
-    costs = {int(k): float(v) for k, v in (kv.split(":") for kv in (args.costs or recorded or XEON_S9).split(","))}
+    costs = parse_costs(args.costs or recorded or XEON_S9)
     print(f"c(n): {costs}")
     for spec in args.drafters.split(","):
         for oracle in (False, True) if args.oracle else (False,):
@@ -205,9 +210,9 @@ def gating(args) -> None:
     from edgespec.models.drafting.suffix import SuffixDrafter
 
     data = json.loads(Path(args.outputs).read_text())
-    costs = {int(k): float(v) for k, v in (kv.split(":") for kv in (args.costs or XEON_S9).split(","))}
-    ks = sorted(costs)
-    env = [min(float(np.interp(m, ks, [costs[k] for k in ks])) for m in range(n, 18)) for n in range(18)]
+    costs = parse_costs(args.costs or XEON_S9)
+    ctl = controller_for(None, costs=costs)
+    env = [0.0] + [ctl.envelope(n) for n in range(1, 18)]  # the cheapest verify of at least n rows
     rows = []
     for items in data["sets"].values():
         d = SuffixDrafter()

@@ -298,7 +298,7 @@ class SuffixDrafter:
         (a conversation's next turn), all again otherwise."""
         docs = self.views(prompt)
         old = self._view_docs
-        if len(docs) < len(old) or any(a is not b for a, b in zip(old, docs, strict=False)):
+        if docs[:len(old)] != old:
             self.view_index, old = SuffixIndex(None, self.cfg.max_positions), []
         for doc in docs[len(old):]:
             self.view_index.add(doc)
